@@ -1,0 +1,213 @@
+"""Configuration: dataclasses with defaults, then a TOML file, then `--set section.key=value` overrides.
+
+The resolved config is an immutable value passed explicitly; nothing edits it at run time. Unknown or
+misspelt keys are errors that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captioner.errors import CaptionerError
+
+CELLS = ("rnn", "lstm", "gru")
+CONDITIONING = ("inject", "init", "both")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # dataset root; the --data flag sets it
+    format: str = "auto"  # flickr | kaggle | karpathy | coco | auto (detected)
+    min_count: int = 5  # words seen fewer times in train become <unk>
+    max_len: int = 20  # captions longer than this many words are truncated for training
+    strict: bool = False  # missing images / malformed lines are errors instead of counted skips
+    cache_dir: str = "cache"  # feature cache
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = "efficientnet_lite0"
+    batch_size: int = 64
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder's architecture. Saved in every checkpoint so the model rebuilds with no flags."""
+
+    cell: str = "lstm"  # rnn (tanh) | lstm | gru
+    conditioning: str = "inject"  # inject: W_ih v at every step | init: h_0 from v | both
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    tie_weights: bool = False  # share the embedding and output matrices (needs embed_dim == hidden_dim)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    grad_clip: float = 5.0  # max gradient norm
+    label_smoothing: float = 0.0
+    patience: int = 5  # epochs without improvement of select_metric before stopping
+    select_metric: str = "CIDEr"  # dev metric that picks the best checkpoint
+    eval_max_len: int = 20  # longest caption decoded on dev
+    eval_images: int = 0  # decode only this many dev images each epoch (0: all)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values no run could use, naming the key."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    checks = [
+        (m.cell in CELLS, f"model.cell must be one of {', '.join(CELLS)}, got {m.cell!r}"),
+        (m.conditioning in CONDITIONING,
+         f"model.conditioning must be one of {', '.join(CONDITIONING)}, got {m.conditioning!r}"),
+        (m.embed_dim > 0, f"model.embed_dim must be positive, got {m.embed_dim}"),
+        (m.hidden_dim > 0, f"model.hidden_dim must be positive, got {m.hidden_dim}"),
+        (m.num_layers > 0, f"model.num_layers must be positive, got {m.num_layers}"),
+        (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
+        (not m.tie_weights or m.embed_dim == m.hidden_dim,
+         "model.tie_weights needs model.embed_dim == model.hidden_dim"),
+        (t.epochs > 0, f"train.epochs must be positive, got {t.epochs}"),
+        (t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}"),
+        (t.lr > 0, f"train.lr must be positive, got {t.lr}"),
+        (t.grad_clip > 0, f"train.grad_clip must be positive, got {t.grad_clip}"),
+        (0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
+        (t.schedule in ("cosine", "constant"), f"train.schedule must be cosine or constant, got {t.schedule!r}"),
+        (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
+        (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+        (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),
+        (d.max_len > 0, f"data.max_len must be positive, got {d.max_len}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CaptionerError(message)
+    return cfg
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(valid)})"
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a TOML value (or a string from --set) against a dataclass field type."""
+    if isinstance(typ, str):  # postponed annotations
+        typ = {"int": int, "float": float, "bool": bool, "str": str}[typ]
+    if isinstance(value, str) and typ is not str:
+        text = value.strip().lower()
+        try:
+            if typ is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            return typ(value)
+        except ValueError:
+            raise CaptionerError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
+        raise CaptionerError(f"{key}: expected {typ.__name__}, got {value!r}")
+    if not isinstance(value, typ):
+        raise CaptionerError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(section_obj: Any, updates: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in fields:
+            raise CaptionerError(f"unknown config key {prefix}{key}{_closest(key, list(fields))}")
+        changes[key] = _coerce(value, fields[key].type, prefix + key)
+    return dataclasses.replace(section_obj, **changes)
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a nested {section: {key: value}} mapping on top of `base` (defaults when None)."""
+    cfg = base or Config()
+    sections = {f.name for f in dataclasses.fields(Config)}
+    changes = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise CaptionerError(f"unknown config section {section!r}{_closest(section, sorted(sections))}")
+        if not isinstance(values, dict):
+            raise CaptionerError(f"config section {section!r} must be a table")
+        changes[section] = _merge(getattr(cfg, section), values, f"{section}.")
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """['model.cell=gru', 'train.lr=1e-3'] -> {'model': {'cell': 'gru'}, 'train': {'lr': '1e-3'}}."""
+    nested: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise CaptionerError(f"--set expects section.key=value, got {item!r}")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then `--set` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CaptionerError(f"{path}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise CaptionerError(f"{path}: not a valid TOML file ({err})") from None
+        cfg = from_dict(raw, cfg)
+    if overrides:
+        cfg = from_dict(parse_overrides(overrides), cfg)
+    return validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """Write the resolved config back as TOML (flat tables of scalars only)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig stored in a checkpoint; keys a newer version added get their defaults."""
+    return _merge(ModelConfig(), raw, "model.")
+

@@ -1,0 +1,164 @@
+"""The RNN decoder that sees the image at every step.
+
+    h_t = f(W_xh x_t + W_hh h_{t-1} + W_ih v)        y_t = W_hy h_t
+
+x_t is the embedding of the previous word (the lookup form of W_xh on one-hot words) and v the CNN's image
+vector. Cells: vanilla RNN (tanh), LSTM, GRU; for the gated cells the image term reaches every gate's
+pre-activation at every step.
+
+How the image term is computed once per caption and still runs through the fused kernels: each layer's
+input at step t is x_t + P v, where P v is computed once per caption and broadcast over time. The fused
+nn.RNN / nn.LSTM / nn.GRU kernel then multiplies that input by its input matrix W_x, so every gate gets
+
+    W_x (x_t + P v) = W_x x_t + (W_x P) v,
+
+i.e. W_ih = W_x P, a factorisation of the image matrix through the layer's input width. The kernel's cost
+is unchanged (no concatenated input, no per-step image GEMM) and teacher-forced training never loops over
+time in Python. Stacked layers are one single-layer kernel each, so every layer receives its own P_l v.
+
+Conditioning modes (ModelConfig.conditioning):
+- "inject": the image term at every step of every layer (the default, and the point of the project);
+- "init":   h_0 (and c_0 for the LSTM) computed from v, no injection afterwards (Show and Tell style);
+- "both":   both.
+
+Decoding is not here: captioner.search drives `init_state` / `step` / `select_state` one step at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioner.config import ModelConfig
+
+# A decoder state is a flat tuple of tensors, each with the batch on dim 0, so that beam search can
+# reorder or repeat it with one index_select per tensor (see select_state):
+#   (h_1, ..., h_L, [c_1, ..., c_L for the LSTM], [u_1, ..., u_L image inputs when injecting])
+State = tuple[torch.Tensor, ...]
+
+_RNN_TYPES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int, pad_id: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.feature_dim = feature_dim
+        E, H, L = cfg.embed_dim, cfg.hidden_dim, cfg.num_layers
+        self.inject = cfg.conditioning in ("inject", "both")
+        self.init_from_image = cfg.conditioning in ("init", "both")
+
+        self.embed = nn.Embedding(vocab_size, E, padding_idx=pad_id)
+        in_dims = [E] + [H] * (L - 1)
+        kwargs = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
+        self.layers = nn.ModuleList(
+            _RNN_TYPES[cfg.cell](d, H, num_layers=1, batch_first=True, **kwargs) for d in in_dims
+        )
+        # P_l: image vector -> layer l's input space (see the module docstring).
+        self.image_in = nn.ModuleList(nn.Linear(feature_dim, d) for d in in_dims) if self.inject else None
+        # h_0 (and c_0) of every layer from v, for the init conditioning.
+        n_init = L * (2 if cfg.cell == "lstm" else 1)
+        self.image_init = nn.Linear(feature_dim, n_init * H) if self.init_from_image else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(H, vocab_size)  # W_hy
+        if cfg.tie_weights:
+            self.out.weight = self.embed.weight
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[self.embed.padding_idx].zero_()
+        for layer in self.layers:
+            for name, p in layer.named_parameters():
+                if name.startswith("weight_hh"):
+                    # Orthogonal W_hh per gate block: singular values 1, so gradients neither vanish
+                    # nor explode through the recurrence at the start of training.
+                    for block in p.data.chunk(p.shape[0] // p.shape[1]):
+                        nn.init.orthogonal_(block)
+                elif name.startswith("bias"):
+                    nn.init.zeros_(p)
+                    if self.cfg.cell == "lstm" and name.startswith("bias_ih"):
+                        H = self.cfg.hidden_dim
+                        p.data[H:2 * H].fill_(1.0)  # forget gate starts open: remember by default
+        nn.init.zeros_(self.out.bias)
+
+    # ---- the image terms, computed once per caption -------------------------------------------------
+    def _image_inputs(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """[(B, in_dim_l)] per layer: P_l v, added to every step's input of layer l."""
+        if not self.inject:
+            return []
+        return [proj(features) for proj in self.image_in]
+
+    def _initial_hidden(self, features: torch.Tensor) -> list:
+        """Per layer: None (zeros), h_0 (B, H), or (h_0, c_0) for the LSTM."""
+        B, H, L = features.shape[0], self.cfg.hidden_dim, self.cfg.num_layers
+        if not self.init_from_image:
+            zeros = features.new_zeros(B, H)
+            return [(zeros, zeros) if self.cfg.cell == "lstm" else zeros for _ in range(L)]
+        init = torch.tanh(self.image_init(features)).view(B, -1, H)  # (B, L or 2L, H)
+        if self.cfg.cell == "lstm":
+            return [(init[:, 2 * i], init[:, 2 * i + 1]) for i in range(L)]
+        return [init[:, i] for i in range(L)]
+
+    # ---- teacher forcing: whole sequences through the fused kernels ---------------------------------
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """features (B, F) image vectors; inputs (B, T) word ids starting with <start> -> logits (B, T, V).
+
+        Padding after a caption's end is computed but harmless: the recurrence is causal, and the loss
+        ignores padded targets.
+        """
+        x = self.drop(self.embed(inputs))  # (B, T, E)
+        image_inputs = self._image_inputs(features)
+        hidden = self._initial_hidden(features)
+        for i, layer in enumerate(self.layers):
+            if image_inputs:
+                x = x + image_inputs[i].unsqueeze(1)  # (B, 1, d) broadcast over T: once per caption
+            x, _ = layer(x, _to_kernel(hidden[i]))
+            x = self.drop(x)  # (B, T, H)
+        return self.out(x)
+
+    # ---- one step at a time, for search -------------------------------------------------------------
+    def init_state(self, features: torch.Tensor) -> State:
+        """The state before the first word: initial hidden states plus the cached image inputs."""
+        hidden = self._initial_hidden(features)
+        if self.cfg.cell == "lstm":
+            flat = [h for h, _ in hidden] + [c for _, c in hidden]
+        else:
+            flat = list(hidden)
+        return tuple(flat + self._image_inputs(features))
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (B,) previous words -> log-probabilities (B, V) of the next word, new state."""
+        L = self.cfg.num_layers
+        lstm = self.cfg.cell == "lstm"
+        hs = state[:L]
+        cs = state[L:2 * L] if lstm else ()
+        image_inputs = state[(2 if lstm else 1) * L:]
+        x = self.embed(tokens).unsqueeze(1)  # (B, 1, E)
+        new_h, new_c = [], []
+        for i, layer in enumerate(self.layers):
+            if image_inputs:
+                x = x + image_inputs[i].unsqueeze(1)
+            hidden = (hs[i], cs[i]) if lstm else hs[i]
+            x, out_hidden = layer(x, _to_kernel(hidden))
+            if lstm:
+                new_h.append(out_hidden[0].squeeze(0))
+                new_c.append(out_hidden[1].squeeze(0))
+            else:
+                new_h.append(out_hidden.squeeze(0))
+        logits = self.out(x.squeeze(1))
+        return torch.log_softmax(logits, dim=-1), tuple(new_h + new_c + list(image_inputs))
+
+    @staticmethod
+    def select_state(state: State, index: torch.Tensor) -> State:
+        """Pick (and repeat) batch rows of a state: beam search's reorder."""
+        return tuple(t.index_select(0, index) for t in state)
+
+
+def _to_kernel(hidden):
+    """(B, H) tensors -> the (num_layers=1, B, H) layout the fused kernels take."""
+    if isinstance(hidden, tuple):
+        return tuple(h.unsqueeze(0).contiguous() for h in hidden)
+    return hidden.unsqueeze(0).contiguous()
