@@ -1,0 +1,70 @@
+"""Training pairs (image vector, caption) as a torch Dataset, and the collate that pads them.
+
+Each item is one reference caption of one image; an image with five captions gives five items. The
+image vectors stay in the feature store's memory-mapped array: a batch gathers only its own rows, so a
+COCO-sized cache is never loaded whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from captioner.data.records import Record
+from captioner.data.vocab import Vocabulary
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # (B, F) float32 image vectors
+    inputs: torch.Tensor  # (B, T) <start> w_1 ... w_n, padded
+    targets: torch.Tensor  # (B, T) w_1 ... w_n <end>, padded with pad_id (ignored by the loss)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.features, self.inputs, self.targets)))
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.targets != 0).sum())
+
+
+class CaptionDataset(Dataset):
+    """(feature row, encoded caption) for every reference caption of every record."""
+
+    def __init__(self, records: Sequence[Record], vocab: Vocabulary, rows: np.ndarray, max_len: int):
+        # rows[i] is records[i]'s row in the feature array (FeatureStore.rows).
+        self.items: list[tuple[int, list[int]]] = [
+            (int(row), vocab.encode(caption, max_len=max_len))
+            for record, row in zip(records, rows)
+            for caption in record.captions
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, list[int]]:
+        return self.items[index]
+
+
+class Collate:
+    """Pads captions and gathers the batch's image vectors from the (memory-mapped) feature array."""
+
+    def __init__(self, features: np.ndarray, pad_id: int):
+        self.features = features  # (N, F) float16, usually a np.memmap
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[tuple[int, list[int]]]) -> Batch:
+        rows = np.fromiter((row for row, _ in items), dtype=np.int64, count=len(items))
+        feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
+        T = max(len(ids) for _, ids in items) - 1
+        inputs = torch.full((len(items), T), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(items), T), self.pad_id, dtype=torch.long)
+        for i, (_, ids) in enumerate(items):
+            seq = torch.tensor(ids, dtype=torch.long)
+            inputs[i, : len(ids) - 1] = seq[:-1]
+            targets[i, : len(ids) - 1] = seq[1:]
+        return Batch(feats, inputs, targets)

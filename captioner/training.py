@@ -1,0 +1,257 @@
+"""Teacher-forced training: train_one_epoch, evaluate, and the loop that wires them (fit).
+
+Resuming is exact because every source of randomness is a pure function of the epoch (the shuffle
+order and the dropout masks are seeded from `seed` and the epoch number), the learning rate is a pure
+function of the step, and the optimizer state is saved at the end of every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner import checkpoint
+from captioner.config import Config, TrainConfig, from_dict, to_dict, to_toml, validate
+from captioner.data.dataset import Batch, CaptionDataset, Collate
+from captioner.data.records import Record, load_records
+from captioner.data.vocab import Vocabulary
+from captioner.decoder import CaptionDecoder
+from captioner.encoders import build_encoder
+from captioner.errors import CaptionerError
+from captioner.features import FeatureStore, extract_features
+from captioner.metrics import score_captions
+from captioner.search import greedy
+
+log = logging.getLogger("captioner")
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CaptionerError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero (or constant): a pure function of the step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=pad_id, label_smoothing=label_smoothing)
+
+
+def train_one_epoch(model: CaptionDecoder, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    cfg: TrainConfig, step: int, total_steps: int, device: torch.device,
+                    pad_id: int, desc: str = "train") -> tuple[float, int]:
+    """One pass over the loader. Returns (mean loss per token, global step after the epoch)."""
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    for batch in bar:
+        batch: Batch = batch.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, total_steps)
+        with autocast:
+            logits = model(batch.features, batch.inputs)
+        loss = caption_loss(logits.float(), batch.targets, pad_id, cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(step, float(loss))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        n = batch.num_tokens
+        total_loss += float(loss) * n
+        total_tokens += n
+        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{total_tokens / (time.perf_counter() - start):.0f}")
+    return total_loss / max(1, total_tokens), step
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
+
+
+@torch.no_grad()
+def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pad_id: int) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        batch = batch.to(device)
+        logits = model(batch.features, batch.inputs)
+        n = batch.num_tokens
+        total += float(caption_loss(logits, batch.targets, pad_id)) * n
+        tokens += n
+    return total / max(1, tokens)
+
+
+@torch.no_grad()
+def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[list[str]], vocab: Vocabulary,
+             max_len: int, device: torch.device, batch_size: int = 500) -> dict[str, float]:
+    """Greedy-decode every image and score the captions against all references (BLEU, ROUGE-L, CIDEr)."""
+    model.eval()
+    hyps: list[str] = []
+    for i in range(0, len(features), batch_size):
+        ids = greedy(model, features[i:i + batch_size].to(device), max_len=max_len,
+                     start_id=vocab.start_id, end_id=vocab.end_id)
+        hyps.extend(vocab.decode(seq) for seq in ids)
+    scores = score_captions({i: refs for i, refs in enumerate(references)},
+                            {i: h for i, h in enumerate(hyps)}, meteor=False)
+    return dict(scores.totals)
+
+
+# ---- data wiring: records -> vocabulary -> cached image vectors ---------------------------------------
+@dataclass
+class Prepared:
+    train: list[Record]
+    val: list[Record]
+    vocab: Vocabulary
+    store: FeatureStore
+
+
+def prepare_data(cfg: Config, vocab: Vocabulary | None = None) -> Prepared:
+    """Read the dataset, build (or reuse) the vocabulary, and make sure every image has a cached v."""
+    if not cfg.data.root:
+        raise CaptionerError("no dataset given: pass --data ROOT (or set data.root in the config)")
+    records = load_records(cfg.data.root, format=cfg.data.format, strict=cfg.data.strict)
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    if not train:
+        raise CaptionerError(f"{cfg.data.root}: the dataset has no training images")
+    if not val:
+        raise CaptionerError(f"{cfg.data.root}: the dataset has no val/dev images to select a model on")
+    if vocab is None:
+        vocab = Vocabulary.build((c for r in train for c in r.captions), min_count=cfg.data.min_count)
+    log.info("%d train and %d val images; vocabulary of %d words (min_count %d)",
+             len(train), len(val), len(vocab), cfg.data.min_count)
+    encoder = build_encoder(cfg.encoder.name)
+    paths = [r.image for r in train + val]
+    store = extract_features(encoder, paths, Path(cfg.data.cache_dir), batch_size=cfg.encoder.batch_size,
+                             num_workers=cfg.encoder.num_workers)
+    train = [r for r in train if r.image in store]
+    val = [r for r in val if r.image in store]
+    return Prepared(train, val, vocab, store)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def _is_better(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate each epoch, keep best and last checkpoints; returns the final log entry."""
+    run_dir = Path(run_dir)
+    last_path = run_dir / LAST
+    state: dict[str, Any] | None = None
+    vocab = None
+    if resume:
+        if not last_path.is_file():
+            raise CaptionerError(f"{run_dir}: nothing to resume (no {LAST})")
+        state = checkpoint.read(last_path)
+        cfg = validate(from_dict(state["config"]))
+        vocab = Vocabulary.from_dict(state["vocab"])
+    elif last_path.exists():
+        raise CaptionerError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    data = prepare_data(cfg, vocab)
+    vocab = data.vocab
+    store = data.store
+
+    train_set = CaptionDataset(data.train, vocab, store.rows([r.image for r in data.train]), cfg.data.max_len)
+    val_set = CaptionDataset(data.val, vocab, store.rows([r.image for r in data.val]), cfg.data.max_len)
+    collate = Collate(store.array, vocab.pad_id)
+    val_loader = DataLoader(val_set, batch_size=512, shuffle=False, collate_fn=collate)
+    eval_records = data.val[: tc.eval_images] if tc.eval_images else data.val
+    eval_feats = store.get([r.image for r in eval_records])
+    eval_refs = [list(r.captions) for r in eval_records]
+
+    torch.manual_seed(tc.seed)
+    model = CaptionDecoder(cfg.model, vocab_size=len(vocab), feature_dim=store.dim, pad_id=vocab.pad_id).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+    epoch, step, best, bad_epochs = 0, 0, None, 0
+    if state is not None:
+        checkpoint.load_state(model, state["model"], last_path)
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step = state["epoch"], state["step"]
+        best, bad_epochs = state["best"], state["bad_epochs"]
+        log.info("resuming %s at epoch %d (step %d)", run_dir, epoch, step)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s decoder, %s conditioning, %d layer(s), %.1fM parameters; %d captions, %d steps/epoch on %s",
+             cfg.model.cell, cfg.model.conditioning, cfg.model.num_layers, n_params / 1e6,
+             len(train_set), steps_per_epoch, device)
+    entry: dict[str, Any] = {}
+    with (run_dir / "log.jsonl").open("a", encoding="utf-8") as log_file:
+        while epoch < tc.epochs and (bad_epochs < tc.patience or tc.patience <= 0):
+            # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly.
+            torch.manual_seed(tc.seed * 100_003 + epoch)
+            shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+            loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, generator=shuffle,
+                                collate_fn=collate)
+            t0 = time.perf_counter()
+            try:
+                train_loss, step = train_one_epoch(model, loader, optimizer, tc, step, total_steps, device,
+                                                   vocab.pad_id, desc=f"epoch {epoch + 1}/{tc.epochs}")
+            except NonFiniteLoss as err:
+                good = f"{last_path}" if last_path.exists() else "none (no epoch finished)"
+                raise CaptionerError(f"training stopped: {err}; last good checkpoint: {good}") from None
+            train_time = time.perf_counter() - t0
+            epoch += 1
+            metrics = {"loss": dev_loss(model, val_loader, device, vocab.pad_id)}
+            metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device))
+            value = metrics[tc.select_metric]
+            improved = _is_better(value, best, tc.select_metric)
+            best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
+            entry = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 6),
+                     "lr": lr_at(step - 1, tc, total_steps), "train_seconds": round(train_time, 2),
+                     **{f"val_{k}": round(v, 6) for k, v in metrics.items()}, "best": improved}
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+            log.info("epoch %d: train loss %.4f, val loss %.4f, BLEU-4 %.2f, CIDEr %.2f (%.0fs)%s", epoch,
+                     train_loss, metrics["loss"], metrics.get("BLEU-4", float("nan")),
+                     metrics.get("CIDEr", float("nan")), train_time, "  * best" if improved else "")
+            payload = {
+                **checkpoint.model_payload(model, vocab, asdict(store.spec)),
+                "config": to_dict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                "best": best, "bad_epochs": bad_epochs, "metrics": metrics,
+            }
+            if improved:
+                checkpoint.save(run_dir / BEST, payload)
+            checkpoint.save(last_path, payload)
+    if bad_epochs >= tc.patience > 0 and epoch < tc.epochs:
+        log.info("early stop: %s did not improve for %d epochs", tc.select_metric, tc.patience)
+    return entry
