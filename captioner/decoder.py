@@ -103,12 +103,19 @@ class CaptionDecoder(nn.Module):
         return [init[:, i] for i in range(L)]
 
     # ---- teacher forcing: whole sequences through the fused kernels ---------------------------------
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, F) image vectors; inputs (B, T) word ids starting with <start> -> logits (B, T, V).
 
         Padding after a caption's end is computed but harmless: the recurrence is causal, and the loss
-        ignores padded targets.
+        ignores padded targets. With `mask` (B, T) bool, only the masked positions go through the output
+        projection -- the largest matrix multiply -- and the logits come back as (N, V), N = mask.sum().
         """
+        h = self.hidden_states(features, inputs)
+        return self.out(h[mask] if mask is not None else h)
+
+    def hidden_states(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The top layer's h_t for every step, after dropout: (B, T, H)."""
         x = self.drop(self.embed(inputs))  # (B, T, E)
         image_inputs = self._image_inputs(features)
         hidden = self._initial_hidden(features)
@@ -117,7 +124,7 @@ class CaptionDecoder(nn.Module):
                 x = x + image_inputs[i].unsqueeze(1)  # (B, 1, d) broadcast over T: once per caption
             x, _ = layer(x, _to_kernel(hidden[i]))
             x = self.drop(x)  # (B, T, H)
-        return self.out(x)
+        return x
 
     # ---- one step at a time, for search -------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> State:

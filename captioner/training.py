@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from captioner import checkpoint
 from captioner.config import Config, TrainConfig, from_dict, to_dict, to_toml, validate
-from captioner.data.dataset import Batch, CaptionDataset, Collate
+from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder
@@ -75,9 +75,10 @@ def train_one_epoch(model: CaptionDecoder, loader: DataLoader, optimizer: torch.
         batch: Batch = batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
+        mask = batch.targets != pad_id  # score only real tokens: skips the output GEMM on padding
         with autocast:
-            logits = model(batch.features, batch.inputs)
-        loss = caption_loss(logits.float(), batch.targets, pad_id, cfg.label_smoothing)
+            logits = model(batch.features, batch.inputs, mask)
+        loss = F.cross_entropy(logits.float(), batch.targets[mask], label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, float(loss))
         optimizer.zero_grad(set_to_none=True)
@@ -191,6 +192,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
 
     train_set = CaptionDataset(data.train, vocab, store.rows([r.image for r in data.train]), cfg.data.max_len)
     val_set = CaptionDataset(data.val, vocab, store.rows([r.image for r in data.val]), cfg.data.max_len)
+    lengths = [len(ids) for _, ids in train_set.items]
     collate = Collate(store.array, vocab.pad_id)
     val_loader = DataLoader(val_set, batch_size=512, shuffle=False, collate_fn=collate)
     eval_records = data.val[: tc.eval_images] if tc.eval_images else data.val
@@ -220,8 +222,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
             # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly.
             torch.manual_seed(tc.seed * 100_003 + epoch)
             shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, generator=shuffle,
-                                collate_fn=collate)
+            loader = DataLoader(train_set, collate_fn=collate,
+                                batch_sampler=BucketBatchSampler(lengths, tc.batch_size, shuffle))
             t0 = time.perf_counter()
             try:
                 train_loss, step = train_one_epoch(model, loader, optimizer, tc, step, total_steps, device,

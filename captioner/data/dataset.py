@@ -68,3 +68,32 @@ class Collate:
             inputs[i, : len(ids) - 1] = seq[:-1]
             targets[i, : len(ids) - 1] = seq[1:]
         return Batch(feats, inputs, targets)
+
+
+class BucketBatchSampler:
+    """Shuffled batches of captions of similar length, so little of each batch is padding.
+
+    The dataset order is shuffled, cut into pools of `pool` batches, each pool sorted by caption length
+    and cut into batches, and the batches shuffled again. All randomness comes from `generator`, so the
+    same seed gives the same batches (exact resume).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, pool: int = 50):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator)
+        size = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches.extend(chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
