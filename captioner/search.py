@@ -1,0 +1,239 @@
+"""Decoding: greedy, beam search and sampling over a CaptionDecoder.
+
+All three drive the decoder one word at a time through `init_state` / `step` / `select_state`, batched over
+images (and over beams for beam search): the only Python loop is the one over time.
+
+Conventions shared by all three:
+- captions are lists of word ids without <start> and <end>;
+- <end> is masked at the first step, so no caption is empty (beam search can allow it with allow_empty);
+- a caption that has not ended after max_len words is cut there.
+
+Beam search ranks finished hypotheses by a length-normalised score (see `gnmt_length_penalty`); with the
+default alpha = 0 the score is the plain sum of log-probabilities and beam size 1 gives exactly the greedy
+caption (with alpha > 0 beam 1 may keep going past greedy's <end> to a longer, better-normalised caption).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from captioner.errors import CaptionerError
+
+START_ID, END_ID = 1, 2  # the vocabulary's special ids (captioner.data.vocab), passed in as arguments
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, no <start> / <end>
+    score: float  # the ranking score: log_prob / gnmt_length_penalty(length, alpha)
+    log_prob: float  # sum of the log-probabilities of the words (and of <end> when the caption ended)
+
+
+def gnmt_length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | float:
+    """GNMT's length penalty ((5 + L) / 6) ** alpha (Wu et al. 2016, eq. 14).
+
+    L counts the log-probability terms summed into the score: the words plus <end> when the caption ended.
+    Chosen over a plain L ** alpha because it is gentler on the short lengths captions have (the 5 damps
+    it), so alpha in 0.5..1 only counters the sum-of-log-probs bias towards short captions instead of
+    rewarding length outright. alpha = 0 gives 1: raw sum of log-probabilities, the Show and Tell /
+    neuraltalk2 convention, which beam 3 on trained captioners turns into ordinary ~9-11 word captions.
+    """
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _check_lengths(max_len: int) -> None:
+    if max_len < 1:
+        raise CaptionerError(f"max_len must be at least 1, got {max_len}")
+
+
+@torch.no_grad()
+def greedy(model, features: torch.Tensor, max_len: int = 20, start_id: int = START_ID,
+           end_id: int = END_ID) -> list[list[int]]:
+    """features (B, F) -> B captions, each the arg-max word at every step until <end>."""
+    _check_lengths(max_len)
+    B = features.shape[0]
+    state = model.init_state(features)
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)
+    out = torch.empty(B, max_len, dtype=torch.long, device=features.device)  # (B, T) chosen words
+    ended = torch.zeros(B, dtype=torch.bool, device=features.device)
+    steps = 0
+    for t in range(max_len):
+        log_probs, state = model.step(tokens, state)  # (B, V)
+        if t == 0:
+            log_probs[:, end_id] = float("-inf")  # never an empty caption
+        tokens = log_probs.argmax(dim=-1)  # (B,)
+        out[:, t] = tokens
+        steps = t + 1
+        ended |= tokens == end_id
+        if ended.all():
+            break
+    return [_cut_at_end(row, end_id) for row in out[:, :steps].tolist()]
+
+
+@torch.no_grad()
+def sample(model, features: torch.Tensor, temperature: float = 1.0, top_k: int = 0, max_len: int = 20,
+           generator: torch.Generator | None = None, start_id: int = START_ID,
+           end_id: int = END_ID) -> list[list[int]]:
+    """features (B, F) -> B captions drawn word by word from softmax(logits / temperature).
+
+    top_k > 0 draws only among the k most likely words at each step; a seeded `generator` makes draws
+    repeatable.
+    """
+    _check_lengths(max_len)
+    if temperature <= 0:
+        raise CaptionerError(f"temperature must be positive (greedy is temperature 0), got {temperature}")
+    if top_k < 0:
+        raise CaptionerError(f"top_k must be 0 (off) or positive, got {top_k}")
+    B = features.shape[0]
+    state = model.init_state(features)
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)
+    out = torch.empty(B, max_len, dtype=torch.long, device=features.device)
+    ended = torch.zeros(B, dtype=torch.bool, device=features.device)
+    steps = 0
+    for t in range(max_len):
+        log_probs, state = model.step(tokens, state)  # (B, V)
+        logits = log_probs / temperature  # log-probs are logits shifted per row: same softmax
+        if t == 0:
+            logits[:, end_id] = float("-inf")
+        if top_k > 0 and top_k < logits.shape[1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        out[:, t] = tokens
+        steps = t + 1
+        ended |= tokens == end_id
+        if ended.all():
+            break
+    return [_cut_at_end(row, end_id) for row in out[:, :steps].tolist()]
+
+
+def _cut_at_end(row: list[int], end_id: int) -> list[int]:
+    return row[:row.index(end_id)] if end_id in row else row
+
+
+@torch.no_grad()
+def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
+                length_penalty: float = 0.0, n_best: int = 1, start_id: int = START_ID,
+                end_id: int = END_ID, allow_empty: bool = False) -> list[list[Hypothesis]]:
+    """features (B, F) -> for each image its n_best hypotheses, best first.
+
+    All images and all their beams advance together as B*K rows of one decoder batch. Per step and image
+    the K*V continuations of its K live beams are ranked by their summed log-probability and the top 2K
+    kept: a candidate ending in <end> within the top K becomes a finished hypothesis, and the best K
+    candidates not ending continue as the live beams (2K candidates always hold K of them, since at most
+    K end). Live beams are ranked by raw log-probability; only finished hypotheses are compared by the
+    length-normalised score, as in GNMT.
+
+    Each image keeps its K best finished hypotheses. It stops when all K exist and the worst of them
+    cannot be beaten by any live beam: a live beam's log-probability only falls, so its best reachable
+    score is log_prob / gnmt_length_penalty(max_len) (just log_prob with alpha = 0). Stopped images leave the
+    batch; the loop ends when every image has stopped, or at max_len, where live beams are finalised
+    without <end>.
+
+    min_len: <end> is masked until the caption has min_len words; min_len <= 1 means 1, or 0 (an empty
+    caption may win) with allow_empty.
+    """
+    _check_lengths(max_len)
+    K = beam_size
+    if K < 1:
+        raise CaptionerError(f"beam_size must be at least 1, got {K}")
+    if not 1 <= n_best <= K:
+        raise CaptionerError(f"n_best must be between 1 and beam_size ({K}), got {n_best}")
+    if min_len <= 1:
+        min_len = 0 if allow_empty else 1  # allow_empty lifts the one-word minimum; a longer one stands
+    if min_len > max_len:
+        raise CaptionerError(f"min_len ({min_len}) is longer than max_len ({max_len})")
+    alpha = length_penalty  # GNMT alpha, see gnmt_length_penalty
+    B, device = features.shape[0], features.device
+    neg_inf = float("-inf")
+
+    # Finished hypotheses of every image, the K best sorted by score (-inf: empty slot).
+    fin_score = torch.full((B, K), neg_inf, device=device)
+    fin_logp = torch.full((B, K), neg_inf, device=device)
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=device)  # words, without <end>
+    fin_words = torch.zeros(B, K, max_len, dtype=torch.long, device=device)
+
+    # Live beams of the images still searching; `alive` maps their rows back to image ids.
+    alive = torch.arange(B, device=device)  # (b,)
+    state = model.select_state(model.init_state(features), alive.repeat_interleave(K))  # rows (b*K, ...)
+    live_logp = torch.full((B, K), neg_inf, device=device)
+    live_logp[:, 0] = 0.0  # one beam at first, so the K copies do not all propose the same words
+    words = torch.zeros(B, K, max_len, dtype=torch.long, device=device)  # (b, K, T) each beam's words
+    tokens = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    best_reachable_lp = gnmt_length_penalty(float(max_len), alpha)  # longest scored length: max_len terms
+
+    for t in range(max_len):
+        b = alive.shape[0]
+        log_probs, state = model.step(tokens, state)  # (b*K, V)
+        V = log_probs.shape[1]
+        if t < min_len:
+            log_probs[:, end_id] = neg_inf
+        cand = (live_logp.view(b * K, 1) + log_probs).view(b, K * V)  # (b, K*V) summed log-probs
+        top_logp, top_idx = cand.topk(2 * K, dim=1)  # (b, 2K), best first
+        top_beam, top_word = top_idx // V, top_idx % V  # which beam each candidate extends, with which word
+        is_end = top_word == end_id  # (b, 2K)
+
+        # Candidates ending within the top K: finished hypotheses of t words, t + 1 scored terms.
+        new_fin = is_end[:, :K] & torch.isfinite(top_logp[:, :K])
+        new_logp = top_logp[:, :K].masked_fill(~new_fin, neg_inf)
+        new_words = words.gather(1, top_beam[:, :K, None].expand(-1, -1, max_len))  # (b, K, T)
+        _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive,
+                        new_logp / gnmt_length_penalty(t + 1.0, alpha), new_logp,
+                        torch.full_like(new_fin, t, dtype=torch.long), new_words)
+
+        # The K best candidates that do not end continue; a stable sort on is_end keeps them best first.
+        keep = torch.sort(is_end.to(torch.uint8), dim=1, stable=True).indices[:, :K]  # (b, K)
+        live_logp = top_logp.gather(1, keep)
+        beam = top_beam.gather(1, keep)
+        word = top_word.gather(1, keep)
+        words = words.gather(1, beam[:, :, None].expand(-1, -1, max_len))
+        words[:, :, t] = word
+
+        if t == max_len - 1:
+            # Out of time: the live beams are finalised as they are, max_len words and no <end>.
+            _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive,
+                            live_logp / best_reachable_lp, live_logp,
+                            torch.full_like(beam, max_len), words)
+            break
+
+        # An image is done when its K-th best finished hypothesis beats the best any live beam can reach.
+        worst_fin = fin_score[alive, K - 1]  # (b,) -inf until K hypotheses have finished
+        best_live = live_logp[:, 0] / best_reachable_lp  # (b,) live_logp is sorted, best first
+        done = worst_fin >= best_live
+        if done.all():
+            break
+        still = (~done).nonzero().squeeze(1)  # (b',) rows of the images still searching
+        rows = (still[:, None] * K + beam[still]).view(-1)  # (b'*K,) parent rows, reordered
+        state = model.select_state(state, rows)
+        alive, live_logp, words = alive[still], live_logp[still], words[still]
+        tokens = word[still].view(-1)
+
+    results = []
+    for i in range(B):  # building the Python output, not searching
+        hyps = []
+        for k in range(n_best):
+            if not torch.isfinite(fin_score[i, k]):
+                break
+            n = int(fin_len[i, k])
+            hyps.append(Hypothesis(tokens=fin_words[i, k, :n].tolist(), score=float(fin_score[i, k]),
+                                   log_prob=float(fin_logp[i, k])))
+        results.append(hyps)
+    return results
+
+
+def _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive, score, logp, length, words) -> None:
+    """Merge new finished hypotheses (b, K) of the images `alive` into the K best kept per image, in place.
+
+    """
+    K = fin_score.shape[1]
+    all_score = torch.cat([fin_score[alive], score], dim=1)  # (b, 2K)
+    best_score, best = all_score.topk(K, dim=1)  # (b, K) sorted, best first
+    fin_score[alive] = best_score
+    fin_logp[alive] = torch.cat([fin_logp[alive], logp], dim=1).gather(1, best)
+    fin_len[alive] = torch.cat([fin_len[alive], length], dim=1).gather(1, best)
+    T = fin_words.shape[2]
+    all_words = torch.cat([fin_words[alive], words], dim=1)  # (b, 2K, T)
+    fin_words[alive] = all_words.gather(1, best[:, :, None].expand(-1, -1, T))
