@@ -80,16 +80,16 @@ def train_one_epoch(model: CaptionDecoder, loader: DataLoader, optimizer: torch.
             logits = model(batch.features, batch.inputs, mask)
         loss = F.cross_entropy(logits.float(), batch.targets[mask], label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(step, float(loss))
+            raise NonFiniteLoss(step, loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
         n = batch.num_tokens
-        total_loss += float(loss) * n
+        total_loss += loss.item() * n
         total_tokens += n
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{total_tokens / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{total_tokens / (time.perf_counter() - start):.0f}")
     return total_loss / max(1, total_tokens), step
 
 

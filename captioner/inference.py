@@ -1,0 +1,112 @@
+"""A trained captioner in use: checkpoint -> (encoder, decoder, vocabulary) -> captions.
+
+`Captioner` is what caption.py and evaluate.py share: it rebuilds the model from a checkpoint (the
+shipped default when none is named), checks that the encoder it was trained on is the one it will be
+fed, and turns image vectors or image files into captions with greedy or beam search.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from captioner import checkpoint
+from captioner.encoders import Encoder, build_encoder
+from captioner.errors import CaptionerError
+from captioner.images import load_image
+from captioner.search import Hypothesis, beam_search
+
+log = logging.getLogger("captioner")
+
+DEFAULT_CHECKPOINT_NAME = "flickr8k-lstm.pt"
+
+
+def default_checkpoint() -> Path:
+    """The model shipped inside the package (trained on Flickr8k train, selected on dev)."""
+    path = Path(str(resources.files("captioner") / "pretrained" / DEFAULT_CHECKPOINT_NAME))
+    if not path.is_file():
+        raise CaptionerError(f"the shipped model {path} is missing from this install; pass --checkpoint")
+    return path
+
+
+@dataclass
+class Captioned:
+    path: Path
+    hypotheses: list[Hypothesis]  # n-best, best first
+    caption: str  # the best one, as text
+
+
+class Captioner:
+    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device | None = None):
+        self.model = loaded.model
+        self.vocab = loaded.vocab
+        self.encoder_spec = loaded.encoder
+        self.device = device or torch.device("cpu")
+        self.model.to(self.device).eval()
+        self._encoder: Encoder | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None) -> Captioner:
+        return cls(checkpoint.load_model(path or default_checkpoint()), device)
+
+    @property
+    def encoder(self) -> Encoder:
+        """Built on first use: evaluating from cached features never needs the CNN."""
+        if self._encoder is None:
+            encoder = build_encoder(self.encoder_spec["name"])
+            actual = asdict(encoder.spec)
+            differs = [k for k in actual if k in self.encoder_spec and actual[k] != self.encoder_spec[k]]
+            if differs:
+                raise CaptionerError(
+                    f"the checkpoint was trained on {self.encoder_spec['name']} features with other "
+                    f"settings ({', '.join(differs)}) than this install's encoder provides")
+            self._encoder = encoder.to(self.device).eval()
+        return self._encoder
+
+    @torch.no_grad()
+    def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
+                         n_best: int = 1, batch_size: int = 100) -> list[list[Hypothesis]]:
+        """features (N, F) image vectors -> the n-best hypotheses for each image."""
+        if beam_size < 1:
+            raise CaptionerError(f"beam size must be at least 1, got {beam_size}")
+        if n_best > beam_size:
+            raise CaptionerError(f"n-best ({n_best}) cannot exceed the beam size ({beam_size})")
+        if features.shape[-1] != self.model.feature_dim:
+            raise CaptionerError(f"features have {features.shape[-1]} dimensions; the model expects "
+                                 f"{self.model.feature_dim}")
+        out: list[list[Hypothesis]] = []
+        for i in range(0, len(features), batch_size):
+            chunk = features[i:i + batch_size].to(self.device, torch.float32)
+            out.extend(beam_search(self.model, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
+                                   start_id=self.vocab.start_id, end_id=self.vocab.end_id))
+        return out
+
+    def text(self, hypothesis: Hypothesis) -> str:
+        return self.vocab.decode(hypothesis.tokens)
+
+    @torch.no_grad()
+    def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
+                       batch_size: int = 16):
+        """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
+        in the order given; one bad file never stops the others."""
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i:i + batch_size]
+            tensors, ok, results = [], [], {}
+            for path in chunk:
+                try:
+                    tensors.append(self.encoder.preprocess(load_image(path)))
+                    ok.append(path)
+                except CaptionerError as err:
+                    results[path] = err
+            if tensors:
+                feats = self.encoder(torch.stack(tensors).to(self.device))
+                hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best)
+                for path, h in zip(ok, hyps):
+                    results[path] = Captioned(Path(path), h, self.text(h[0]))
+            for path in chunk:
+                yield path, results[path]
