@@ -47,6 +47,9 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.5
     tie_weights: bool = False  # share the embedding and output matrices (needs embed_dim == hidden_dim)
+    highway: bool = False  # highway connections between stacked layers: y = T*H(x) + C*x
+    highway_coupled: bool = True  # C = 1 - T; false: a separate carry gate
+    highway_bias: float = -2.0  # transform-gate bias at init: negative, so deep stacks start by carrying
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class TrainConfig:
     select_metric: str = "CIDEr"  # dev metric that picks the best checkpoint
     eval_max_len: int = 20  # longest caption decoded on dev
     eval_images: int = 0  # decode only this many dev images each epoch (0: all)
+    tbptt: int = 0  # truncated BPTT: backpropagate through chunks of this many steps (0: full BPTT)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
@@ -94,6 +98,7 @@ def validate(cfg: Config) -> Config:
         (t.grad_clip > 0, f"train.grad_clip must be positive, got {t.grad_clip}"),
         (0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
         (t.schedule in ("cosine", "constant"), f"train.schedule must be cosine or constant, got {t.schedule!r}"),
+        (t.tbptt >= 0, f"train.tbptt must be 0 (off) or positive, got {t.tbptt}"),
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),

@@ -60,6 +60,10 @@ class CaptionDecoder(nn.Module):
         # h_0 (and c_0) of every layer from v, for the init conditioning.
         n_init = L * (2 if cfg.cell == "lstm" else 1)
         self.image_init = nn.Linear(feature_dim, n_init * H) if self.init_from_image else None
+        # Highway gates between consecutive layers (layer i > 0 gets highway[i - 1]).
+        self.highway = nn.ModuleList(
+            Highway(H, coupled=cfg.highway_coupled, transform_bias=cfg.highway_bias) for _ in range(L - 1)
+        ) if cfg.highway and L > 1 else None
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(H, vocab_size)  # W_hy
         if cfg.tie_weights:
@@ -111,57 +115,97 @@ class CaptionDecoder(nn.Module):
         ignores padded targets. With `mask` (B, T) bool, only the masked positions go through the output
         projection -- the largest matrix multiply -- and the logits come back as (N, V), N = mask.sum().
         """
-        h = self.hidden_states(features, inputs)
+        h, _ = self.run(features, inputs)
         return self.out(h[mask] if mask is not None else h)
 
-    def hidden_states(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """The top layer's h_t for every step, after dropout: (B, T, H)."""
+    def run(self, features: torch.Tensor, inputs: torch.Tensor, hidden: list | None = None) -> tuple:
+        """Teacher-forced pass over inputs (B, T), starting from `hidden` (None: the initial state).
+
+        Returns the top layer's outputs after dropout (B, T, H) and each layer's hidden state after the
+        last step, so that truncated BPTT can continue the next chunk from where this one stopped.
+        """
         x = self.drop(self.embed(inputs))  # (B, T, E)
-        image_inputs = self._image_inputs(features)
-        hidden = self._initial_hidden(features)
+        if hidden is None:
+            hidden = self._initial_hidden(features)
+        return self._layers(x, self._image_inputs(features), hidden)
+
+    def _layers(self, x: torch.Tensor, image_inputs: list[torch.Tensor], hidden: list) -> tuple:
+        """x (B, T, E) through every layer: image term added to the input, highway between layers."""
+        new_hidden = []
         for i, layer in enumerate(self.layers):
+            below = x
             if image_inputs:
                 x = x + image_inputs[i].unsqueeze(1)  # (B, 1, d) broadcast over T: once per caption
-            x, _ = layer(x, _to_kernel(hidden[i]))
-            x = self.drop(x)  # (B, T, H)
-        return x
+            y, last = layer(x, _to_kernel(hidden[i]))  # (B, T, H)
+            if self.highway is not None and i > 0:
+                y = self.highway[i - 1](below, y)
+            x = self.drop(y)
+            new_hidden.append(_from_kernel(last))
+        return x, new_hidden
 
     # ---- one step at a time, for search -------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> State:
         """The state before the first word: initial hidden states plus the cached image inputs."""
-        hidden = self._initial_hidden(features)
-        if self.cfg.cell == "lstm":
-            flat = [h for h, _ in hidden] + [c for _, c in hidden]
-        else:
-            flat = list(hidden)
-        return tuple(flat + self._image_inputs(features))
+        return self._flatten(self._initial_hidden(features), self._image_inputs(features))
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (B,) previous words -> log-probabilities (B, V) of the next word, new state."""
-        L = self.cfg.num_layers
-        lstm = self.cfg.cell == "lstm"
-        hs = state[:L]
-        cs = state[L:2 * L] if lstm else ()
-        image_inputs = state[(2 if lstm else 1) * L:]
-        x = self.embed(tokens).unsqueeze(1)  # (B, 1, E)
-        new_h, new_c = [], []
-        for i, layer in enumerate(self.layers):
-            if image_inputs:
-                x = x + image_inputs[i].unsqueeze(1)
-            hidden = (hs[i], cs[i]) if lstm else hs[i]
-            x, out_hidden = layer(x, _to_kernel(hidden))
-            if lstm:
-                new_h.append(out_hidden[0].squeeze(0))
-                new_c.append(out_hidden[1].squeeze(0))
-            else:
-                new_h.append(out_hidden.squeeze(0))
+        hidden, image_inputs = self._unflatten(state)
+        x = self.drop(self.embed(tokens).unsqueeze(1))  # (B, 1, E)
+        x, hidden = self._layers(x, image_inputs, hidden)
         logits = self.out(x.squeeze(1))
-        return torch.log_softmax(logits, dim=-1), tuple(new_h + new_c + list(image_inputs))
+        return torch.log_softmax(logits, dim=-1), self._flatten(hidden, image_inputs)
+
+    def _flatten(self, hidden: list, image_inputs: list[torch.Tensor]) -> State:
+        if self.cfg.cell == "lstm":
+            return tuple([h for h, _ in hidden] + [c for _, c in hidden] + list(image_inputs))
+        return tuple(list(hidden) + list(image_inputs))
+
+    def _unflatten(self, state: State) -> tuple[list, list[torch.Tensor]]:
+        L = self.cfg.num_layers
+        if self.cfg.cell == "lstm":
+            return list(zip(state[:L], state[L:2 * L])), list(state[2 * L:])
+        return list(state[:L]), list(state[L:])
 
     @staticmethod
     def select_state(state: State, index: torch.Tensor) -> State:
         """Pick (and repeat) batch rows of a state: beam search's reorder."""
         return tuple(t.index_select(0, index) for t in state)
+
+
+class Highway(nn.Module):
+    """A highway connection between stacked layers: y = T(x) * H(x) + C(x) * x.
+
+    H(x) is the recurrent layer's output, x the layer's input (the output of the layer below), T the
+    transform gate and C the carry gate: C = 1 - T (coupled, the default) or a gate of its own. The
+    transform bias starts negative, so a fresh deep stack mostly carries its input upward and gradients
+    pass through the stack unchanged -- the idea residual connections later made unconditional.
+    """
+
+    def __init__(self, dim: int, coupled: bool = True, transform_bias: float = -2.0):
+        super().__init__()
+        self.transform = nn.Linear(dim, dim)
+        nn.init.constant_(self.transform.bias, transform_bias)
+        self.carry = None if coupled else nn.Linear(dim, dim)
+        if self.carry is not None:
+            nn.init.constant_(self.carry.bias, -transform_bias)  # starts carrying too
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        t = torch.sigmoid(self.transform(x))
+        c = 1.0 - t if self.carry is None else torch.sigmoid(self.carry(x))
+        return t * h + c * x
+
+
+def detach_hidden(hidden: list) -> list:
+    """Cut the graph between truncated-BPTT chunks: the state flows forward, its gradient does not."""
+    return [tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach() for h in hidden]
+
+
+def _from_kernel(last):
+    """The kernels' final (1, B, H) state(s) -> (B, H) tensors."""
+    if isinstance(last, tuple):
+        return tuple(t.squeeze(0) for t in last)
+    return last.squeeze(0)
 
 
 def _to_kernel(hidden):

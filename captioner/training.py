@@ -26,7 +26,7 @@ from captioner.config import Config, TrainConfig, from_dict, to_dict, to_toml, v
 from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
-from captioner.decoder import CaptionDecoder
+from captioner.decoder import CaptionDecoder, detach_hidden
 from captioner.encoders import build_encoder
 from captioner.errors import CaptionerError
 from captioner.features import FeatureStore, extract_features
@@ -68,21 +68,17 @@ def train_one_epoch(model: CaptionDecoder, loader: DataLoader, optimizer: torch.
                     pad_id: int, desc: str = "train") -> tuple[float, int]:
     """One pass over the loader. Returns (mean loss per token, global step after the epoch)."""
     model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = mixed_precision(device)
     total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
     for batch in bar:
         batch: Batch = batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
-        mask = batch.targets != pad_id  # score only real tokens: skips the output GEMM on padding
-        with autocast:
-            logits = model(batch.features, batch.inputs, mask)
-        loss = F.cross_entropy(logits.float(), batch.targets[mask], label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss = backward_batch(model, batch, pad_id, cfg.label_smoothing, cfg.tbptt, autocast)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
@@ -91,6 +87,49 @@ def train_one_epoch(model: CaptionDecoder, loader: DataLoader, optimizer: torch.
         total_tokens += n
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{total_tokens / (time.perf_counter() - start):.0f}")
     return total_loss / max(1, total_tokens), step
+
+
+def mixed_precision(device: torch.device):
+    """A factory of forward-pass contexts: bf16 autocast on CUDA, nothing on the CPU (no branches later)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def backward_batch(model: CaptionDecoder, batch: Batch, pad_id: int, label_smoothing: float = 0.0,
+                   tbptt: int = 0, autocast=nullcontext) -> torch.Tensor:
+    """Loss (mean over real tokens) and its gradients for one batch; returns the detached loss.
+
+    Full BPTT runs the whole sequence through the fused kernels and backpropagates once. With tbptt = K
+    the sequence is cut into chunks of K steps: each chunk starts from the previous chunk's final state,
+    detached, so the state flows forward but no gradient crosses a chunk boundary, and each chunk's
+    graph is freed by its own backward (memory grows with K, not with the sequence length). The chunk
+    losses are weighted by their share of the tokens, so with K >= T this is exactly full BPTT.
+    """
+    mask = batch.targets != pad_id  # score only real tokens: skips the output GEMM on padding
+    T = batch.inputs.shape[1]
+    if tbptt <= 0 or tbptt >= T:
+        with autocast():
+            logits = model(batch.features, batch.inputs, mask)
+        loss = F.cross_entropy(logits.float(), batch.targets[mask], label_smoothing=label_smoothing)
+        loss.backward()
+        return loss.detach()
+    n_tokens = mask.sum()
+    total = torch.zeros((), device=mask.device)
+    hidden = None
+    for start in range(0, T, tbptt):
+        chunk = slice(start, start + tbptt)
+        m = mask[:, chunk]
+        with autocast():
+            h, hidden = model.run(batch.features, batch.inputs[:, chunk], hidden)
+            logits = model.out(h[m]).float() if m.any() else None
+        if logits is not None:
+            loss = F.cross_entropy(logits, batch.targets[:, chunk][m], reduction="sum",
+                                   label_smoothing=label_smoothing) / n_tokens
+            loss.backward()
+            total = total + loss.detach()
+        hidden = detach_hidden(hidden)
+    return total
 
 
 class NonFiniteLoss(Exception):
