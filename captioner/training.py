@@ -231,9 +231,9 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
 
     train_set = CaptionDataset(data.train, vocab, store.rows([r.image for r in data.train]), cfg.data.max_len)
     val_set = CaptionDataset(data.val, vocab, store.rows([r.image for r in data.val]), cfg.data.max_len)
-    lengths = [len(ids) for _, ids in train_set.items]
-    collate = Collate(store.array, vocab.pad_id)
-    val_loader = DataLoader(val_set, batch_size=512, shuffle=False, collate_fn=collate)
+    collate = Collate(train_set, store.array, vocab.pad_id)
+    val_loader = DataLoader(val_set, batch_size=512, shuffle=False,
+                            collate_fn=Collate(val_set, store.array, vocab.pad_id))
     eval_records = data.val[: tc.eval_images] if tc.eval_images else data.val
     eval_feats = store.get([r.image for r in eval_records])
     eval_refs = [list(r.captions) for r in eval_records]
@@ -262,7 +262,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
             torch.manual_seed(tc.seed * 100_003 + epoch)
             shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
             loader = DataLoader(train_set, collate_fn=collate,
-                                batch_sampler=BucketBatchSampler(lengths, tc.batch_size, shuffle))
+                                batch_sampler=BucketBatchSampler(train_set.lengths, tc.batch_size, shuffle))
             t0 = time.perf_counter()
             try:
                 train_loss, step = train_one_epoch(model, loader, optimizer, tc, step, total_steps, device,

@@ -33,41 +33,49 @@ class Batch:
 
 
 class CaptionDataset(Dataset):
-    """(feature row, encoded caption) for every reference caption of every record."""
+    """(feature row, encoded caption) for every reference caption of every record.
+
+    Captions are held as one padded int32 array plus lengths, not as Python lists: half a million COCO
+    captions cost ~50 MB instead of several hundred, so memory stays flat as the data grows.
+    """
 
     def __init__(self, records: Sequence[Record], vocab: Vocabulary, rows: np.ndarray, max_len: int):
         # rows[i] is records[i]'s row in the feature array (FeatureStore.rows).
-        self.items: list[tuple[int, list[int]]] = [
-            (int(row), vocab.encode(caption, max_len=max_len))
-            for record, row in zip(records, rows)
-            for caption in record.captions
-        ]
+        n = sum(len(r.captions) for r in records)
+        self.rows = np.empty(n, dtype=np.int64)
+        self.tokens = np.full((n, max_len + 2), vocab.pad_id, dtype=np.int32)  # <start> words <end>
+        self.lengths = np.empty(n, dtype=np.int32)
+        i = 0
+        for record, row in zip(records, rows):
+            for caption in record.captions:
+                ids = vocab.encode(caption, max_len=max_len)
+                self.rows[i] = row
+                self.tokens[i, : len(ids)] = ids
+                self.lengths[i] = len(ids)
+                i += 1
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, list[int]]:
-        return self.items[index]
+    def __getitem__(self, index: int) -> int:
+        return index  # the collate gathers rows and tokens for the whole batch at once
 
 
 class Collate:
-    """Pads captions and gathers the batch's image vectors from the (memory-mapped) feature array."""
+    """Gathers a batch's captions and image vectors (from the memory-mapped feature array) and pads."""
 
-    def __init__(self, features: np.ndarray, pad_id: int):
+    def __init__(self, dataset: CaptionDataset, features: np.ndarray, pad_id: int):
+        self.dataset = dataset
         self.features = features  # (N, F) float16, usually a np.memmap
         self.pad_id = pad_id
 
-    def __call__(self, items: list[tuple[int, list[int]]]) -> Batch:
-        rows = np.fromiter((row for row, _ in items), dtype=np.int64, count=len(items))
-        feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
-        T = max(len(ids) for _, ids in items) - 1
-        inputs = torch.full((len(items), T), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(items), T), self.pad_id, dtype=torch.long)
-        for i, (_, ids) in enumerate(items):
-            seq = torch.tensor(ids, dtype=torch.long)
-            inputs[i, : len(ids) - 1] = seq[:-1]
-            targets[i, : len(ids) - 1] = seq[1:]
-        return Batch(feats, inputs, targets)
+    def __call__(self, indices: list[int]) -> Batch:
+        idx = np.asarray(indices, dtype=np.int64)
+        ds = self.dataset
+        feats = torch.from_numpy(np.asarray(self.features[ds.rows[idx]], dtype=np.float32))
+        T = int(ds.lengths[idx].max()) - 1
+        tokens = torch.from_numpy(ds.tokens[idx, : T + 1].astype(np.int64))  # (B, T + 1), padded
+        return Batch(feats, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
 
 class BucketBatchSampler:
