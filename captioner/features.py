@@ -252,6 +252,7 @@ def _atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, fsync, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared cache must be readable by other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
