@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from captioner.distributed import Dist
 from captioner.encoders import Encoder, EncoderSpec
 from captioner.errors import CaptionerError
 from captioner.images import load_image
@@ -80,11 +81,14 @@ class FeatureStore:
 
 
 def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path, batch_size: int = 64,
-                     num_workers: int = 2, progress: bool = True) -> FeatureStore:
+                     num_workers: int = 2, progress: bool = True, dist: Dist = Dist()) -> FeatureStore:
     """Features for `image_paths`, computing only those not already cached (or changed since).
 
     Unreadable images are logged (one warning each), get no row, and are listed in `store.failures`.
     The encoder runs on whatever device its parameters are on.
+
+    Under torchrun (`dist.world` > 1) every process encodes every world-th image still to do; rank 0
+    gathers the vectors and writes the one cache, and the others open it once it is in place.
     """
     if not encoder.frozen:
         # Cached features are keyed by the spec, which says nothing about fine-tuned weights.
@@ -115,7 +119,19 @@ def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path,
     if not todo:  # everything asked for is cached (or known bad): no decoding, no CNN, no write
         return FeatureStore(folder, encoder.spec, old_array, _rows_of(entries, asked, failures), failures)
 
-    new_rows, new_failures = _run_encoder(encoder, todo, batch_size, num_workers, progress)
+    mine = todo[dist.rank::dist.world]
+    new_rows, new_failures = _run_encoder(encoder, mine, batch_size, num_workers, progress and dist.is_main)
+    if dist.active:
+        shares = dist.gather((new_rows, new_failures))
+        if not dist.is_main:
+            dist.barrier()  # wait for rank 0 to write the merged cache, then read it like any later run
+            index, array = _open_cache(folder, encoder.spec)
+            return FeatureStore(folder, encoder.spec, array, _rows_of(index["entries"], asked, failures), failures)
+        new_rows, new_failures = {}, {}
+        for rows, fails in shares:
+            new_rows.update(rows)
+            new_failures.update(fails)
+        new_rows = {p: new_rows[p] for p in todo if p in new_rows}  # the single-process order
     failures.update({Path(p): reason for p, reason in new_failures.items()})
 
     # Keep every old row that is still valid (other callers may want images not asked for now), drop
@@ -134,6 +150,7 @@ def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path,
         new_failed[p] = {**identities[p], "reason": reason}
 
     _write_cache(folder, encoder.spec, array, new_entries, new_failed)
+    dist.barrier()  # the other processes may read the cache now
     _, mapped = _open_cache(folder, encoder.spec)  # reopen as a memmap: the in-memory copy is dropped
     return FeatureStore(folder, encoder.spec, mapped, _rows_of(new_entries, asked, failures), failures)
 

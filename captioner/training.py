@@ -18,15 +18,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner import checkpoint
+from captioner import checkpoint, distributed
 from captioner.config import Config, TrainConfig, from_dict, to_dict, to_toml, validate
 from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder, detach_hidden
+from captioner.distributed import Dist
 from captioner.encoders import build_encoder
 from captioner.errors import CaptionerError
 from captioner.features import FeatureStore, extract_features
@@ -63,30 +65,38 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
                            ignore_index=pad_id, label_smoothing=label_smoothing)
 
 
-def train_one_epoch(model: CaptionDecoder, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig, step: int, total_steps: int, device: torch.device,
-                    pad_id: int, desc: str = "train") -> tuple[float, int]:
-    """One pass over the loader. Returns (mean loss per token, global step after the epoch)."""
+                    pad_id: int, desc: str = "train", dist: Dist = Dist()) -> tuple[float, int]:
+    """One pass over the loader. Returns (mean loss per token, global step after the epoch).
+
+    `model` may be wrapped in DistributedDataParallel; each process then sees its share of every global
+    batch (BucketBatchSampler's rank slice), and the loss is scaled so that the averaged gradients equal
+    those of one process running the whole global batch.
+    """
     model.train()
     autocast = mixed_precision(device)
     total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     for batch in bar:
         batch: Batch = batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
         optimizer.zero_grad(set_to_none=True)
-        loss = backward_batch(model, batch, pad_id, cfg.label_smoothing, cfg.tbptt, autocast)
+        n = batch.num_tokens
+        n_global = dist.sum(n)  # the global batch's real tokens: every process divides by the same count
+        loss = backward_batch(model, batch, pad_id, cfg.label_smoothing, cfg.tbptt, autocast,
+                              n_tokens=n_global, world=dist.world)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
-        n = batch.num_tokens
-        total_loss += loss.item() * n
+        total_loss += loss.item() * n_global / dist.world  # this process's share of the global sum
         total_tokens += n
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{total_tokens / (time.perf_counter() - start):.0f}")
-    return total_loss / max(1, total_tokens), step
+        bar.set_postfix(loss=f"{loss.item() / dist.world:.3f}",
+                        tok_s=f"{total_tokens * dist.world / (time.perf_counter() - start):.0f}")
+    return dist.sum(total_loss) / max(1, dist.sum(total_tokens)), step
 
 
 def mixed_precision(device: torch.device):
@@ -96,8 +106,9 @@ def mixed_precision(device: torch.device):
     return nullcontext
 
 
-def backward_batch(model: CaptionDecoder, batch: Batch, pad_id: int, label_smoothing: float = 0.0,
-                   tbptt: int = 0, autocast=nullcontext) -> torch.Tensor:
+def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoothing: float = 0.0,
+                   tbptt: int = 0, autocast=nullcontext, n_tokens: float | None = None,
+                   world: int = 1) -> torch.Tensor:
     """Loss (mean over real tokens) and its gradients for one batch; returns the detached loss.
 
     Full BPTT runs the whole sequence through the fused kernels and backpropagates once. With tbptt = K
@@ -105,16 +116,23 @@ def backward_batch(model: CaptionDecoder, batch: Batch, pad_id: int, label_smoot
     detached, so the state flows forward but no gradient crosses a chunk boundary, and each chunk's
     graph is freed by its own backward (memory grows with K, not with the sequence length). The chunk
     losses are weighted by their share of the tokens, so with K >= T this is exactly full BPTT.
+
+    Under DistributedDataParallel (world > 1) `n_tokens` is the global batch's token count: each
+    process's summed loss / n_tokens * world, averaged over processes by DDP, is the global mean.
     """
     mask = batch.targets != pad_id  # score only real tokens: skips the output GEMM on padding
     T = batch.inputs.shape[1]
+    scale = world / (n_tokens if n_tokens is not None else mask.sum())
     if tbptt <= 0 or tbptt >= T:
         with autocast():
             logits = model(batch.features, batch.inputs, mask)
-        loss = F.cross_entropy(logits.float(), batch.targets[mask], label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum",
+                               label_smoothing=label_smoothing) * scale
         loss.backward()
         return loss.detach()
-    n_tokens = mask.sum()
+    # Chunks call the decoder's own methods, not DDP's forward: gradients are averaged by hand below.
+    ddp = model if isinstance(model, DistributedDataParallel) else None
+    model = ddp.module if ddp is not None else model
     total = torch.zeros((), device=mask.device)
     hidden = None
     for start in range(0, T, tbptt):
@@ -125,10 +143,15 @@ def backward_batch(model: CaptionDecoder, batch: Batch, pad_id: int, label_smoot
             logits = model.out(h[m]).float() if m.any() else None
         if logits is not None:
             loss = F.cross_entropy(logits, batch.targets[:, chunk][m], reduction="sum",
-                                   label_smoothing=label_smoothing) / n_tokens
+                                   label_smoothing=label_smoothing) * scale
             loss.backward()
             total = total + loss.detach()
         hidden = detach_hidden(hidden)
+    if ddp is not None:
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
     return total
 
 
@@ -153,17 +176,27 @@ def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pa
 
 @torch.no_grad()
 def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[list[str]], vocab: Vocabulary,
-             max_len: int, device: torch.device, batch_size: int = 500) -> dict[str, float]:
-    """Greedy-decode every image and score the captions against all references (BLEU, ROUGE-L, CIDEr)."""
+             max_len: int, device: torch.device, batch_size: int = 500, dist: Dist = Dist()) -> dict[str, float]:
+    """Greedy-decode every image and score the captions against all references (BLEU, ROUGE-L, CIDEr).
+
+    Under torchrun each process decodes every world-th image; the captions are gathered and rank 0's
+    scores are shared, so every process takes the same early-stopping decision.
+    """
     model.eval()
+    mine = torch.arange(dist.rank, len(features), dist.world)
     hyps: list[str] = []
-    for i in range(0, len(features), batch_size):
-        ids = greedy(model, features[i:i + batch_size].to(device), max_len=max_len,
+    for i in range(0, len(mine), batch_size):
+        ids = greedy(model, features[mine[i:i + batch_size]].to(device), max_len=max_len,
                      start_id=vocab.start_id, end_id=vocab.end_id)
         hyps.extend(vocab.decode(seq) for seq in ids)
-    scores = score_captions({i: refs for i, refs in enumerate(references)},
-                            {i: h for i, h in enumerate(hyps)}, meteor=False)
-    return dict(scores.totals)
+    gathered = dist.gather(hyps)
+    totals = None
+    if dist.is_main:
+        captions = {int(i): gathered[r][j] for r in range(dist.world)
+                    for j, i in enumerate(range(r, len(features), dist.world))}
+        scores = score_captions({i: refs for i, refs in enumerate(references)}, captions, meteor=False)
+        totals = dict(scores.totals)
+    return dist.broadcast(totals)
 
 
 # ---- data wiring: records -> vocabulary -> cached image vectors ---------------------------------------
@@ -175,7 +208,7 @@ class Prepared:
     store: FeatureStore
 
 
-def prepare_data(cfg: Config, vocab: Vocabulary | None = None) -> Prepared:
+def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist()) -> Prepared:
     """Read the dataset, build (or reuse) the vocabulary, and make sure every image has a cached v."""
     if not cfg.data.root:
         raise CaptionerError("no dataset given: pass --data ROOT (or set data.root in the config)")
@@ -188,12 +221,13 @@ def prepare_data(cfg: Config, vocab: Vocabulary | None = None) -> Prepared:
         raise CaptionerError(f"{cfg.data.root}: the dataset has no val/dev images to select a model on")
     if vocab is None:
         vocab = Vocabulary.build((c for r in train for c in r.captions), min_count=cfg.data.min_count)
-    log.info("%d train and %d val images; vocabulary of %d words (min_count %d)",
-             len(train), len(val), len(vocab), cfg.data.min_count)
+    if dist.is_main:
+        log.info("%d train and %d val images; vocabulary of %d words (min_count %d)",
+                 len(train), len(val), len(vocab), cfg.data.min_count)
     encoder = build_encoder(cfg.encoder.name)
     paths = [r.image for r in train + val]
     store = extract_features(encoder, paths, Path(cfg.data.cache_dir), batch_size=cfg.encoder.batch_size,
-                             num_workers=cfg.encoder.num_workers)
+                             num_workers=cfg.encoder.num_workers, dist=dist)
     train = [r for r in train if r.image in store]
     val = [r for r in val if r.image in store]
     return Prepared(train, val, vocab, store)
@@ -206,8 +240,11 @@ def _is_better(value: float, best: float | None, metric: str) -> bool:
     return value < best if metric == "loss" else value > best
 
 
-def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate each epoch, keep best and last checkpoints; returns the final log entry."""
+def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate each epoch, keep best and last checkpoints; returns the final log entry.
+
+    Under torchrun every process runs this function; rank 0 alone writes the run directory.
+    """
     run_dir = Path(run_dir)
     last_path = run_dir / LAST
     state: dict[str, Any] | None = None
@@ -220,19 +257,24 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
         vocab = Vocabulary.from_dict(state["vocab"])
     elif last_path.exists():
         raise CaptionerError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
 
     tc = cfg.train
     device = resolve_device(tc.device)
-    data = prepare_data(cfg, vocab)
+    dist = distributed.init(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    data = prepare_data(cfg, vocab, dist)
     vocab = data.vocab
     store = data.store
 
     train_set = CaptionDataset(data.train, vocab, store.rows([r.image for r in data.train]), cfg.data.max_len)
     val_set = CaptionDataset(data.val, vocab, store.rows([r.image for r in data.val]), cfg.data.max_len)
+    pin = device.type == "cuda"  # page-locked batches, copied with non_blocking=True
     collate = Collate(train_set, store.array, vocab.pad_id)
-    val_loader = DataLoader(val_set, batch_size=512, shuffle=False,
+    val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=pin,
                             collate_fn=Collate(val_set, store.array, vocab.pad_id))
     eval_records = data.val[: tc.eval_images] if tc.eval_images else data.val
     eval_feats = store.get([r.image for r in eval_records])
@@ -241,7 +283,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
     torch.manual_seed(tc.seed)
     model = CaptionDecoder(cfg.model, vocab_size=len(vocab), feature_dim=store.dim, pad_id=vocab.pad_id).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
+    steps_per_epoch = len(BucketBatchSampler(train_set.lengths, tc.batch_size, torch.Generator(), world=dist.world))
     total_steps = steps_per_epoch * tc.epochs
     epoch, step, best, bad_epochs = 0, 0, None, 0
     if state is not None:
@@ -250,49 +292,62 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool 
         epoch, step = state["epoch"], state["step"]
         best, bad_epochs = state["best"], state["bad_epochs"]
         log.info("resuming %s at epoch %d (step %d)", run_dir, epoch, step)
+    # DDP averages gradients across processes during backward; checkpoints save the unwrapped model.
+    trained = DistributedDataParallel(model) if dist.active else model
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s decoder, %s conditioning, %d layer(s), %.1fM parameters; %d captions, %d steps/epoch on %s",
-             cfg.model.cell, cfg.model.conditioning, cfg.model.num_layers, n_params / 1e6,
-             len(train_set), steps_per_epoch, device)
+    if dist.is_main:
+        log.info("%s decoder, %s conditioning, %d layer(s), %.1fM parameters; %d captions, %d steps/epoch "
+                 "on %s x %d", cfg.model.cell, cfg.model.conditioning, cfg.model.num_layers, n_params / 1e6,
+                 len(train_set), steps_per_epoch, device, dist.world)
     entry: dict[str, Any] = {}
-    with (run_dir / "log.jsonl").open("a", encoding="utf-8") as log_file:
+    try:
         while epoch < tc.epochs and (bad_epochs < tc.patience or tc.patience <= 0):
-            # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly.
-            torch.manual_seed(tc.seed * 100_003 + epoch)
+            # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly. Every
+            # process draws the same global batches and takes its own slice of each.
+            torch.manual_seed(tc.seed * 100_003 + epoch + 7919 * dist.rank)
             shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            loader = DataLoader(train_set, collate_fn=collate,
-                                batch_sampler=BucketBatchSampler(train_set.lengths, tc.batch_size, shuffle))
+            sampler = BucketBatchSampler(train_set.lengths, tc.batch_size, shuffle, dist.rank, dist.world)
+            loader = DataLoader(train_set, collate_fn=collate, batch_sampler=sampler, pin_memory=pin)
             t0 = time.perf_counter()
             try:
-                train_loss, step = train_one_epoch(model, loader, optimizer, tc, step, total_steps, device,
-                                                   vocab.pad_id, desc=f"epoch {epoch + 1}/{tc.epochs}")
+                train_loss, step = train_one_epoch(trained, loader, optimizer, tc, step, total_steps, device,
+                                                   vocab.pad_id, desc=f"epoch {epoch + 1}/{tc.epochs}", dist=dist)
             except NonFiniteLoss as err:
                 good = f"{last_path}" if last_path.exists() else "none (no epoch finished)"
                 raise CaptionerError(f"training stopped: {err}; last good checkpoint: {good}") from None
             train_time = time.perf_counter() - t0
             epoch += 1
             metrics = {"loss": dev_loss(model, val_loader, device, vocab.pad_id)}
-            metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device))
+            metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device, dist=dist))
             value = metrics[tc.select_metric]
             improved = _is_better(value, best, tc.select_metric)
             best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
             entry = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 6),
                      "lr": lr_at(step - 1, tc, total_steps), "train_seconds": round(train_time, 2),
                      **{f"val_{k}": round(v, 6) for k, v in metrics.items()}, "best": improved}
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-            log.info("epoch %d: train loss %.4f, val loss %.4f, BLEU-4 %.2f, CIDEr %.2f (%.0fs)%s", epoch,
-                     train_loss, metrics["loss"], metrics.get("BLEU-4", float("nan")),
-                     metrics.get("CIDEr", float("nan")), train_time, "  * best" if improved else "")
-            payload = {
-                **checkpoint.model_payload(model, vocab, asdict(store.spec)),
-                "config": to_dict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                "best": best, "bad_epochs": bad_epochs, "metrics": metrics,
-            }
-            if improved:
-                checkpoint.save(run_dir / BEST, payload)
-            checkpoint.save(last_path, payload)
+            if dist.is_main:
+                _write_epoch(run_dir, entry, metrics, improved, {
+                    **checkpoint.model_payload(model, vocab, asdict(store.spec)),
+                    "config": to_dict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                    "best": best, "bad_epochs": bad_epochs, "metrics": metrics,
+                })
+            dist.barrier()
+    finally:
+        distributed.shutdown(dist)
     if bad_epochs >= tc.patience > 0 and epoch < tc.epochs:
         log.info("early stop: %s did not improve for %d epochs", tc.select_metric, tc.patience)
     return entry
+
+
+def _write_epoch(run_dir: Path, entry: dict[str, Any], metrics: dict[str, float], improved: bool,
+                 payload: dict[str, Any]) -> None:
+    """Rank 0's end of an epoch: a log line, a message, the best and last checkpoints."""
+    with (run_dir / "log.jsonl").open("a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(entry) + "\n")
+    log.info("epoch %d: train loss %.4f, val loss %.4f, BLEU-4 %.2f, CIDEr %.2f (%.0fs)%s", entry["epoch"],
+             entry["train_loss"], metrics["loss"], metrics.get("BLEU-4", float("nan")),
+             metrics.get("CIDEr", float("nan")), entry["train_seconds"], "  * best" if improved else "")
+    if improved:
+        checkpoint.save(run_dir / BEST, payload)
+    checkpoint.save(run_dir / LAST, payload)

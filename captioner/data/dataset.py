@@ -84,16 +84,22 @@ class BucketBatchSampler:
     The dataset order is shuffled, cut into pools of `pool` batches, each pool sorted by caption length
     and cut into batches, and the batches shuffled again. All randomness comes from `generator`, so the
     same seed gives the same batches (exact resume).
+
+    Distributed: every process draws the same global batches (same generator seed) and yields its slice
+    `batch[rank::world]`; a last global batch too small to give every process a caption is dropped.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, pool: int = 50):
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, rank: int = 0,
+                 world: int = 1, pool: int = 50):
         self.lengths = torch.as_tensor(lengths)
         self.batch_size = batch_size
         self.generator = generator
+        self.rank, self.world = rank, world
         self.pool = pool
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (1 if rest >= self.world else 0)
 
     def __iter__(self):
         order = torch.randperm(len(self.lengths), generator=self.generator)
@@ -104,4 +110,5 @@ class BucketBatchSampler:
             chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
             batches.extend(chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[i]
+            if len(batches[i]) >= self.world:
+                yield batches[i][self.rank::self.world]
