@@ -4,26 +4,41 @@ A checkpoint rebuilds its model with no training flags: it holds the model confi
 encoder's spec (name, weights, preprocessing), the feature size and the weights. Training checkpoints
 add the optimizer, scheduler, step and RNG states so that a resumed run ends where an uninterrupted one
 would. Loading always uses `weights_only=True`: a pickle that would run code is refused.
+
+Format versions (`format_version` in the dict; `read` migrates older ones in memory):
+    0  the unversioned layout: no `format_version` key, the vocabulary stored as a plain list of words
+    1  `format_version` added; the vocabulary as `Vocabulary.to_dict()` (its words with a format tag)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import logging
 import os
 import pickle
+import re
 import tempfile
-import zipfile
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from captioner.config import ModelConfig, model_config_from_dict
+from captioner.config import Config, ModelConfig, model_config_from_dict, validate
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
 
+log = logging.getLogger("captioner")
+
 FORMAT_VERSION = 1
+
+# What every checkpoint holds (model_payload), and what a training checkpoint adds (training.fit).
+MODEL_KEYS = ("model_config", "vocab", "feature_dim", "encoder", "model")
+TRAINING_KEYS = ("config", "optimizer", "epoch", "step", "best", "bad_epochs")
 
 
 @dataclass
@@ -35,12 +50,19 @@ class LoadedModel:
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never half a checkpoint."""
+    """Write to a temporary file in the same folder, fsync, then rename: never half a checkpoint.
+
+    A writer killed mid-save leaves only its `.NAME.*.tmp` file behind, never a damaged NAME; the next
+    save of NAME removes such leftovers (one process writes a given checkpoint path at a time).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, **payload}
+    payload = {**payload, "format_version": FORMAT_VERSION}
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -54,6 +76,12 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def model_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: dict[str, Any],
@@ -71,39 +99,157 @@ def model_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: dict[s
     }
 
 
-def read(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict safely, with one-line errors for every way a file can be wrong."""
+def read(path: str | Path, training: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict safely, with one-line errors for every way a file can be wrong.
+
+    Older formats are migrated in memory. `training=True` also requires what resuming needs (optimizer,
+    step, config...), which shipped models leave out.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CaptionerError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise CaptionerError(f"{path}: is a directory, not a checkpoint")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CaptionerError(f"{path}: empty file (0 bytes), not a checkpoint")
+    # torch.save writes a zip archive; its legacy format (and plain pickle) starts with the PROTO opcode.
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CaptionerError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says enough
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CaptionerError(f"{path}: refused to load: not a plain-tensor checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CaptionerError(f"{path}: not a readable checkpoint (truncated or corrupt: {err})") from None
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise CaptionerError(f"{path}: not a captioner checkpoint (no format_version)")
-    version = ckpt["format_version"]
-    if version > FORMAT_VERSION:
-        raise CaptionerError(f"{path}: checkpoint format {version} is newer than this captioner "
-                             f"understands ({FORMAT_VERSION}); upgrade captioner")
-    missing = [k for k in ("model_config", "vocab", "feature_dim", "encoder", "model") if k not in ckpt]
-    if missing:
-        raise CaptionerError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        raise CaptionerError(f"{path}: refused to load: {_refusal(err)}") from None
+    except Exception as err:  # noqa: BLE001 - whatever fails to parse in an untrusted file is the file's fault
+        first = _one_line(err).split(". ")[0]  # torch appends paragraphs of advice after the first sentence
+        raise CaptionerError(f"{path}: not a readable checkpoint (truncated or corrupt: {first})") from None
+    ckpt = _migrate(ckpt, path)
+    _check_fields(ckpt, path, MODEL_KEYS + (TRAINING_KEYS if training else ()))
     return ckpt
 
 
-def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> LoadedModel:
-    """Rebuild the decoder from a checkpoint dict and load its weights (as float32)."""
-    cfg: ModelConfig = model_config_from_dict(ckpt["model_config"])
-    vocab = Vocabulary.from_dict(ckpt["vocab"])
-    model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=int(ckpt["feature_dim"]),
-                           pad_id=vocab.pad_id)
+def _refusal(err: pickle.UnpicklingError) -> str:
+    """The useful part of torch's weights-only refusal. Its first lines suggest loading with
+    weights_only=False, which is exactly what one must not do with a file from a stranger."""
+    text = str(err)
+    name = re.search(r"GLOBAL ([\w.]+)", text)
+    if name:
+        return (f"it would call {name.group(1)} while loading; only tensors and plain containers are "
+                f"accepted, so no code in a checkpoint ever runs")
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        return f"not a plain-tensor checkpoint (pickle opcode {opcode.group(1)} is not accepted)"
+    return "not a plain-tensor checkpoint (weights-only loading does not accept its content)"
+
+
+def _migrate(ckpt: Any, path: Path) -> dict[str, Any]:
+    """Bring a loaded dict of any known format version up to FORMAT_VERSION, one step at a time."""
+    if not isinstance(ckpt, dict):
+        raise CaptionerError(f"{path}: not a captioner checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    if "format_version" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise CaptionerError(f"{path}: a bare state_dict of {len(ckpt)} tensors, not a captioner checkpoint "
+                             "(it has no model config or vocabulary)")
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CaptionerError(f"{path}: not a captioner checkpoint (format_version {version!r})")
+    if version > FORMAT_VERSION:
+        raise CaptionerError(f"{path}: checkpoint format {version} is newer than this captioner "
+                             f"understands ({FORMAT_VERSION}); upgrade captioner")
+    for old in range(version, FORMAT_VERSION):
+        ckpt = _MIGRATIONS[old](ckpt, path)
+        log.debug("%s: migrated checkpoint format %d to %d", path, old, old + 1)
+    return ckpt
+
+
+def _v0_to_v1(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    words = ckpt.get("vocab")
+    if isinstance(words, (list, tuple)):
+        try:
+            vocab = Vocabulary(words).to_dict()
+        except CaptionerError as err:
+            raise CaptionerError(f"{path}: {err}") from None
+        except TypeError:
+            raise CaptionerError(f"{path}: vocabulary is not a list of words") from None
+        ckpt = {**ckpt, "vocab": vocab}
+    return {**ckpt, "format_version": 1}
+
+
+# _MIGRATIONS[v] turns format v into v + 1.
+_MIGRATIONS: dict[int, Callable[[dict[str, Any], Path], dict[str, Any]]] = {0: _v0_to_v1}
+
+
+def _check_fields(ckpt: dict[str, Any], path: Path, required: tuple[str, ...]) -> None:
+    missing = [k for k in required if k not in ckpt]
+    if missing and set(missing) <= set(TRAINING_KEYS):
+        raise CaptionerError(f"{path}: a model without training state (no {', '.join(missing)}): "
+                             "it can caption but not resume training")
+    if missing:
+        raise CaptionerError(f"{path}: not a captioner checkpoint: it lacks {', '.join(missing)}")
+    kinds = {"model_config": dict, "vocab": dict, "encoder": dict, "model": dict, "feature_dim": int}
+    wrong = [k for k, kind in kinds.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if not wrong and not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        wrong = ["model"]
+    if wrong:
+        raise CaptionerError(f"{path}: damaged checkpoint: {', '.join(wrong)} has the wrong type")
+
+
+def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
+                expected: ModelConfig | None = None) -> LoadedModel:
+    """Rebuild the decoder from a checkpoint dict and load its weights (as float32).
+
+    With `expected`, a checkpoint of another architecture is refused with what differs, before loading.
+    """
+    try:
+        cfg: ModelConfig = model_config_from_dict(ckpt["model_config"])
+        validate(Config(model=cfg))
+        vocab = Vocabulary.from_dict(ckpt["vocab"])
+    except CaptionerError as err:
+        raise CaptionerError(f"{path}: {err}") from None
+    if expected is not None and cfg != expected:
+        raise CaptionerError(f"{path}: a checkpoint of another architecture (checkpoint vs expected): "
+                             f"{'; '.join(config_differences(cfg, expected))}")
+    if ckpt["feature_dim"] <= 0:
+        raise CaptionerError(f"{path}: damaged checkpoint: feature_dim {ckpt['feature_dim']}")
+    model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     load_state(model, state, path)
     return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """["model.cell: lstm vs gru", ...] for every field where `a` and `b` differ."""
+    return [f"model.{f.name}: {getattr(a, f.name)} vs {getattr(b, f.name)}"
+            for f in dataclasses.fields(ModelConfig) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def architecture_of(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a decoder's tensor shapes say about its architecture, keyed as the config names it.
+
+    Applied to both a model's own state_dict and a checkpoint's weights, it turns a shape mismatch into
+    "model.hidden_dim: 32 vs 64" instead of a list of tensor names.
+    """
+    found: dict[str, Any] = {}
+    embed = state.get("embed.weight")
+    if embed is not None and embed.dim() == 2:
+        found["vocabulary size"], found["model.embed_dim"] = embed.shape
+    hh = state.get("layers.0.weight_hh_l0")
+    if hh is not None and hh.dim() == 2 and hh.shape[1] > 0:
+        rows, hidden = hh.shape  # (gates * H, H): gates is 1 (tanh RNN), 3 (GRU) or 4 (LSTM)
+        found["model.hidden_dim"] = hidden
+        found["model.cell"] = {1: "rnn", 3: "gru", 4: "lstm"}.get(rows / hidden, f"? ({rows} gate rows)")
+    found["model.num_layers"] = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    inject = any(k.startswith("image_in.") for k in state)
+    init = any(k.startswith("image_init.") for k in state)
+    found["model.conditioning"] = {(True, False): "inject", (False, True): "init", (True, True): "both"}.get(
+        (inject, init), "none")
+    image = state.get("image_in.0.weight", state.get("image_init.weight"))
+    if image is not None and image.dim() == 2:
+        found["feature_dim"] = image.shape[1]
+    found["model.highway"] = any(k.startswith("highway.") for k in state)
+    return found
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -113,17 +259,27 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} weights (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
-        raise CaptionerError(f"{path}: weights do not fit the model it describes: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    if not (missing or unexpected or shapes):
+        model.load_state_dict(state)
+        return
+    described, stored = architecture_of(own), architecture_of(state)
+    differs = [f"{k}: {v} vs {stored.get(k, 'absent')}" for k, v in described.items() if stored.get(k) != v]
+    if differs:
+        raise CaptionerError(f"{path}: its weights are for another model than it describes (described vs "
+                             f"weights): {'; '.join(differs)}")
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} weights (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {sorted(shapes)[0]})")
+    raise CaptionerError(f"{path}: weights do not fit the model it describes: {'; '.join(parts)}")
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    return build_model(read(path), path)
+def load_model(path: str | Path, expected: ModelConfig | None = None) -> LoadedModel:
+    return build_model(read(path), path, expected)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
