@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner import checkpoint, distributed
-from captioner.config import Config, TrainConfig, from_dict, to_dict, to_toml, validate
+from captioner.config import Config, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
 from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
@@ -250,11 +250,17 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     state: dict[str, Any] | None = None
     vocab = None
     if resume:
-        if not last_path.is_file():
-            raise CaptionerError(f"{run_dir}: nothing to resume (no {LAST})")
-        state = checkpoint.read(last_path)
-        cfg = validate(from_dict(state["config"]))
-        vocab = Vocabulary.from_dict(state["vocab"])
+        if last_path.is_file():
+            state = checkpoint.read(last_path, training=True)
+            cfg = validate(from_dict(state["config"]))
+            vocab = Vocabulary.from_dict(state["vocab"])
+        elif (run_dir / "config.toml").is_file():
+            # Stopped before its first epoch ended: nothing was trained yet, so start afresh from its config.
+            log.info("%s has no %s yet (stopped before its first epoch ended): starting it afresh from its "
+                     "config.toml", run_dir, LAST)
+            cfg = load_config(run_dir / "config.toml")
+        else:
+            raise CaptionerError(f"{run_dir}: nothing to resume (no {LAST} and no config.toml)")
     elif last_path.exists():
         raise CaptionerError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
 
