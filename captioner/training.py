@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from captioner import checkpoint, distributed
 from captioner.config import Config, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
+from captioner.curves import plot_curves
 from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
@@ -75,7 +76,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     those of one process running the whole global batch.
     """
     model.train()
-    autocast = mixed_precision(device)
+    autocast, scaler = mixed_precision(device)
     total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     for batch in bar:
@@ -86,11 +87,13 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         n = batch.num_tokens
         n_global = dist.sum(n)  # the global batch's real tokens: every process divides by the same count
         loss = backward_batch(model, batch, pad_id, cfg.label_smoothing, cfg.tbptt, autocast,
-                              n_tokens=n_global, world=dist.world)
+                              n_tokens=n_global, world=dist.world, scaler=scaler)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         step += 1
         total_loss += loss.item() * n_global / dist.world  # this process's share of the global sum
         total_tokens += n
@@ -99,16 +102,22 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     return dist.sum(total_loss) / max(1, dist.sum(total_tokens)), step
 
 
-def mixed_precision(device: torch.device):
-    """A factory of forward-pass contexts: bf16 autocast on CUDA, nothing on the CPU (no branches later)."""
+def mixed_precision(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """(autocast context factory, grad scaler) for the device, so the loop itself has no branches.
+
+    CUDA: bf16 autocast where the GPU supports it (no scaler needed), else fp16 with a GradScaler.
+    CPU: nothing, and a disabled scaler whose calls are no-ops.
+    """
     if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler(
+            "cuda", enabled=dtype == torch.float16)
+    return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
 
 
 def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoothing: float = 0.0,
                    tbptt: int = 0, autocast=nullcontext, n_tokens: float | None = None,
-                   world: int = 1) -> torch.Tensor:
+                   world: int = 1, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Loss (mean over real tokens) and its gradients for one batch; returns the detached loss.
 
     Full BPTT runs the whole sequence through the fused kernels and backpropagates once. With tbptt = K
@@ -128,7 +137,7 @@ def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoo
             logits = model(batch.features, batch.inputs, mask)
         loss = F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum",
                                label_smoothing=label_smoothing) * scale
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
     # Chunks call the decoder's own methods, not DDP's forward: gradients are averaged by hand below.
     ddp = model if isinstance(model, DistributedDataParallel) else None
@@ -144,7 +153,7 @@ def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoo
         if logits is not None:
             loss = F.cross_entropy(logits, batch.targets[:, chunk][m], reduction="sum",
                                    label_smoothing=label_smoothing) * scale
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             total = total + loss.detach()
         hidden = detach_hidden(hidden)
     if ddp is not None:
@@ -351,6 +360,7 @@ def _write_epoch(run_dir: Path, entry: dict[str, Any], metrics: dict[str, float]
     """Rank 0's end of an epoch: a log line, a message, the best and last checkpoints."""
     with (run_dir / "log.jsonl").open("a", encoding="utf-8") as log_file:
         log_file.write(json.dumps(entry) + "\n")
+    plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
     log.info("epoch %d: train loss %.4f, val loss %.4f, BLEU-4 %.2f, CIDEr %.2f (%.0fs)%s", entry["epoch"],
              entry["train_loss"], metrics["loss"], metrics.get("BLEU-4", float("nan")),
              metrics.get("CIDEr", float("nan")), entry["train_seconds"], "  * best" if improved else "")
