@@ -27,6 +27,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list with n-best captions and scores")
     args = parser.parse_args()
     setup_logging()
+    # A POSIX file name need not be valid UTF-8 (Python holds such bytes as surrogates): print it back as
+    # the same bytes instead of failing with UnicodeEncodeError where stdout is strict (PYTHONIOENCODING).
+    sys.stdout.reconfigure(errors="surrogateescape")
     if args.beam_size < 1:
         raise CaptionerError(f"--beam-size must be at least 1, got {args.beam_size}")
     if not 1 <= args.n_best <= args.beam_size:
