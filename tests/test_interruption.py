@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from captioner import checkpoint, training
-from captioner.config import load_config
+from captioner.config import load_config, to_dict, to_toml
 from captioner.errors import CaptionerError
 from tiny_data import make_flickr_layout
 
@@ -128,3 +128,16 @@ def test_non_finite_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypat
         assert checkpoint.read(run / good, training=True)["step"] == 5  # the end of epoch 1, intact
     else:
         assert "last good checkpoint: none" in message and not (run / "last.pt").exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_afresh_from_config_toml(tmp_path):
+    with pytest.raises(CaptionerError, match="nothing to resume"):
+        training.fit(None, tmp_path / "never started", resume=True)
+    data = make_flickr_layout(tmp_path / "flickr")
+    cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.root={data}", f"data.cache_dir={tmp_path / 'c'}",
+                                                       "train.epochs=1"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(cfg))  # as a run killed before its first epoch ended leaves it
+    assert training.fit(None, run, resume=True)["epoch"] == 1
+    assert checkpoint.read(run / "last.pt", training=True)["config"] == to_dict(cfg)
