@@ -19,7 +19,7 @@ from captioner import checkpoint
 from captioner.encoders import Encoder, build_encoder
 from captioner.errors import CaptionerError
 from captioner.images import load_image
-from captioner.search import Hypothesis, beam_search
+from captioner.search import Hypothesis, SuppressWords, beam_search
 
 log = logging.getLogger("captioner")
 
@@ -49,6 +49,8 @@ class Captioner:
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
+        # Search never emits <unk> (nor <pad>/<start>): see SuppressWords.
+        self.searchable = SuppressWords(self.model, [self.vocab.unk_id, self.vocab.pad_id, self.vocab.start_id])
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None) -> Captioner:
@@ -82,7 +84,7 @@ class Captioner:
         out: list[list[Hypothesis]] = []
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size].to(self.device, torch.float32)
-            out.extend(beam_search(self.model, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
+            out.extend(beam_search(self.searchable, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
                                    start_id=self.vocab.start_id, end_id=self.vocab.end_id))
         return out
 

@@ -237,3 +237,26 @@ def _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive, score, logp,
     T = fin_words.shape[2]
     all_words = torch.cat([fin_words[alive], words], dim=1)  # (b, 2K, T)
     fin_words[alive] = all_words.gather(1, best[:, :, None].expand(-1, -1, T))
+
+
+class SuppressWords:
+    """A decoder seen through a filter: search never emits the given word ids.
+
+    Used to keep <unk>, <pad> and <start> out of generated captions: a caption saying "a man in a <unk>"
+    helps nobody, and papers' captioners suppress it the same way. Everything else is delegated.
+    """
+
+    def __init__(self, model, word_ids):
+        self.model = model
+        self.word_ids = torch.as_tensor(sorted(set(word_ids)), dtype=torch.long)
+
+    def init_state(self, features):
+        return self.model.init_state(features)
+
+    def step(self, tokens, state):
+        log_probs, state = self.model.step(tokens, state)
+        log_probs[:, self.word_ids.to(log_probs.device)] = float("-inf")
+        return log_probs, state
+
+    def select_state(self, state, index):
+        return self.model.select_state(state, index)

@@ -34,7 +34,7 @@ from captioner.encoders import build_encoder
 from captioner.errors import CaptionerError
 from captioner.features import FeatureStore, extract_features
 from captioner.metrics import score_captions
-from captioner.search import greedy
+from captioner.search import SuppressWords, greedy
 
 log = logging.getLogger("captioner")
 
@@ -192,10 +192,11 @@ def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[lis
     scores are shared, so every process takes the same early-stopping decision.
     """
     model.eval()
+    searchable = SuppressWords(model, [vocab.unk_id, vocab.pad_id, vocab.start_id])  # as caption.py decodes
     mine = torch.arange(dist.rank, len(features), dist.world)
     hyps: list[str] = []
     for i in range(0, len(mine), batch_size):
-        ids = greedy(model, features[mine[i:i + batch_size]].to(device), max_len=max_len,
+        ids = greedy(searchable, features[mine[i:i + batch_size]].to(device), max_len=max_len,
                      start_id=vocab.start_id, end_id=vocab.end_id)
         hyps.extend(vocab.decode(seq) for seq in ids)
     gathered = dist.gather(hyps)

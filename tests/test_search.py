@@ -9,7 +9,7 @@ import torch
 from captioner.config import ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
-from captioner.search import Hypothesis, beam_search, gnmt_length_penalty, greedy, sample
+from captioner.search import Hypothesis, SuppressWords, beam_search, gnmt_length_penalty, greedy, sample
 
 START, END = 1, 2
 F = 16
@@ -189,3 +189,18 @@ def test_bad_options_are_user_errors():
         beam_search(model, feats, beam_size=0)
     with pytest.raises(CaptionerError, match="min_len"):
         beam_search(model, feats, min_len=30, max_len=20)
+
+
+def test_suppressed_words_never_appear_and_other_captions_are_unchanged():
+    torch.manual_seed(3)
+    model = CaptionDecoder(ModelConfig(embed_dim=16, hidden_dim=16, dropout=0.0), 12, 8).eval()
+    with torch.no_grad():
+        model.out.bias[3] += 3.0  # make word 3 (<unk>) the favourite
+    feats = torch.randn(20, 8)
+    plain = [w for caption in greedy(model, feats) for w in caption]
+    assert 3 in plain
+    filtered = SuppressWords(model, [3])
+    for caption in greedy(filtered, feats, max_len=10):
+        assert 3 not in caption
+    for hyps in beam_search(filtered, feats, beam_size=3, n_best=3, max_len=10):
+        assert all(3 not in h.tokens for h in hyps)
