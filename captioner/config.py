@@ -34,6 +34,8 @@ class EncoderConfig:
     name: str = "efficientnet_lite0"
     batch_size: int = 64
     num_workers: int = 2
+    fine_tune: int = 0  # train the encoder's last N blocks too (images go through the CNN; no cache)
+    fine_tune_lr_scale: float = 0.1  # the encoder's learning rate as a fraction of train.lr
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def validate(cfg: Config) -> Config:
         (t.tbptt >= 0, f"train.tbptt must be 0 (off) or positive, got {t.tbptt}"),
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+        (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),
         (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),
         (d.max_len > 0, f"data.max_len must be positive, got {d.max_len}"),
     ]

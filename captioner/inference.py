@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class Captioner:
         self.model = loaded.model
         self.vocab = loaded.vocab
         self.encoder_spec = loaded.encoder
+        self.checkpoint = loaded.checkpoint
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
@@ -61,6 +62,11 @@ class Captioner:
         """Built on first use: evaluating from cached features never needs the CNN."""
         if self._encoder is None:
             encoder = build_encoder(self.encoder_spec["name"])
+            fine_tuned = self.checkpoint.get("encoder_state")
+            if fine_tuned is not None:  # trained with the encoder's last blocks: its own weights, frozen now
+                checkpoint.load_state(encoder, fine_tuned, "checkpoint's encoder_state")
+                encoder.freeze()
+                encoder.spec = replace(encoder.spec, weights=self.encoder_spec["weights"])
             actual = asdict(encoder.spec)
             differs = [k for k in actual if k in self.encoder_spec and actual[k] != self.encoder_spec[k]]
             if differs:

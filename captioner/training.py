@@ -7,6 +7,7 @@ function of the step, and the optimizer state is saved at the end of every epoch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -23,14 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner import checkpoint, distributed
-from captioner.config import Config, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
+from captioner.config import Config, EncoderConfig, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
 from captioner.curves import plot_curves
-from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate
+from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate, ImageCollate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder, detach_hidden
 from captioner.distributed import Dist
-from captioner.encoders import build_encoder
+from captioner.encoders import Encoder, build_encoder
+from captioner.images import load_image
 from captioner.errors import CaptionerError
 from captioner.features import FeatureStore, extract_features
 from captioner.metrics import score_captions
@@ -82,7 +85,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     for batch in bar:
         batch: Batch = batch.to(device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, total_steps)
+            group["lr"] = lr_at(step, cfg, total_steps) * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         n = batch.num_tokens
         n_global = dist.sum(n)  # the global batch's real tokens: every process divides by the same count
@@ -215,7 +218,7 @@ class Prepared:
     train: list[Record]
     val: list[Record]
     vocab: Vocabulary
-    store: FeatureStore
+    features: CachedFeatures | FineTunedFeatures
 
 
 def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist()) -> Prepared:
@@ -235,12 +238,91 @@ def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist
         log.info("%d train and %d val images; vocabulary of %d words (min_count %d)",
                  len(train), len(val), len(vocab), cfg.data.min_count)
     encoder = build_encoder(cfg.encoder.name)
+    if cfg.encoder.fine_tune > 0:  # images go through the CNN at every step: the cache is bypassed
+        return Prepared(train, val, vocab, FineTunedFeatures(encoder.unfreeze_last(cfg.encoder.fine_tune),
+                                                             [r.image for r in train + val], cfg.encoder))
     paths = [r.image for r in train + val]
     store = extract_features(encoder, paths, Path(cfg.data.cache_dir), batch_size=cfg.encoder.batch_size,
                              num_workers=cfg.encoder.num_workers, dist=dist)
     train = [r for r in train if r.image in store]
     val = [r for r in val if r.image in store]
-    return Prepared(train, val, vocab, store)
+    return Prepared(train, val, vocab, CachedFeatures(store))
+
+
+class CachedFeatures:
+    """Image vectors from the frozen encoder's memory-mapped cache (the default)."""
+
+    encoder = None  # nothing to train
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.dim = store.dim
+
+    def rows(self, records: list[Record]) -> np.ndarray:
+        return self.store.rows([r.image for r in records])
+
+    def collate(self, dataset: CaptionDataset, pad_id: int) -> Collate:
+        return Collate(dataset, self.store.array, pad_id)
+
+    def val_array(self, records: list[Record], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """(array, rows): the val images' vectors as rows of an array (here: the cache itself)."""
+        return self.store.array, self.rows(records)
+
+    def spec_dict(self) -> dict[str, Any]:
+        return asdict(self.store.spec)
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+
+class FineTunedFeatures:
+    """The encoder's last blocks train with the decoder: every batch's images go through the CNN."""
+
+    def __init__(self, encoder: Encoder, paths: list[Path], cfg: EncoderConfig):
+        self.encoder = encoder
+        self.dim = encoder.spec.feature_dim
+        self.paths = list(dict.fromkeys(paths))
+        self.row_of = {p: i for i, p in enumerate(self.paths)}
+        self.cfg = cfg
+
+    def rows(self, records: list[Record]) -> np.ndarray:
+        return np.array([self.row_of[r.image] for r in records], dtype=np.int64)
+
+    def collate(self, dataset: CaptionDataset, pad_id: int) -> ImageCollate:
+        return ImageCollate(dataset, self.paths, self.encoder.preprocess, pad_id)
+
+    @torch.no_grad()
+    def val_array(self, records: list[Record], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """The val images encoded by the encoder as it is now (it changes every epoch)."""
+        self.encoder.eval()
+        paths = [r.image for r in records]
+        vectors = []
+        for i in range(0, len(paths), self.cfg.batch_size):
+            images = torch.stack([self.encoder.preprocess(load_image(p)) for p in paths[i:i + self.cfg.batch_size]])
+            vectors.append(self.encoder(images.to(device)).float().cpu().numpy())
+        return np.concatenate(vectors), np.arange(len(paths))
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The spec, with `weights` naming these fine-tuned weights: their features never share a cache."""
+        digest = hashlib.blake2b(digest_size=8)
+        for tensor in self.encoder.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        spec = asdict(self.encoder.spec)
+        return {**spec, "weights": f"{spec['weights']}+finetuned-{digest.hexdigest()}"}
+
+    def state(self) -> dict[str, Any]:
+        return {"encoder_state": self.encoder.state_dict()}
+
+
+class EndToEnd(torch.nn.Module):
+    """Encoder and decoder as one module, for fine-tuning: forward(images, inputs, mask) -> logits."""
+
+    def __init__(self, encoder: Encoder, decoder: CaptionDecoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, images: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None):
+        return self.decoder(self.encoder(images), inputs, mask)
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -284,32 +366,36 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     data = prepare_data(cfg, vocab, dist)
     vocab = data.vocab
-    store = data.store
+    source = data.features
 
-    train_set = CaptionDataset(data.train, vocab, store.rows([r.image for r in data.train]), cfg.data.max_len)
-    val_set = CaptionDataset(data.val, vocab, store.rows([r.image for r in data.val]), cfg.data.max_len)
+    train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
     pin = device.type == "cuda"  # page-locked batches, copied with non_blocking=True
-    collate = Collate(train_set, store.array, vocab.pad_id)
-    val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=pin,
-                            collate_fn=Collate(val_set, store.array, vocab.pad_id))
-    eval_records = data.val[: tc.eval_images] if tc.eval_images else data.val
-    eval_feats = store.get([r.image for r in eval_records])
-    eval_refs = [list(r.captions) for r in eval_records]
+    collate = source.collate(train_set, vocab.pad_id)
+    n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
+    eval_refs = [list(r.captions) for r in data.val[:n_eval]]
 
     torch.manual_seed(tc.seed)
-    model = CaptionDecoder(cfg.model, vocab_size=len(vocab), feature_dim=store.dim, pad_id=vocab.pad_id).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    model = CaptionDecoder(cfg.model, vocab_size=len(vocab), feature_dim=source.dim, pad_id=vocab.pad_id).to(device)
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    if source.encoder is not None:
+        source.encoder.to(device)
+        groups.append({"params": [p for p in source.encoder.parameters() if p.requires_grad],
+                       "lr_scale": cfg.encoder.fine_tune_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = len(BucketBatchSampler(train_set.lengths, tc.batch_size, torch.Generator(), world=dist.world))
     total_steps = steps_per_epoch * tc.epochs
     epoch, step, best, bad_epochs = 0, 0, None, 0
     if state is not None:
         checkpoint.load_state(model, state["model"], last_path)
+        if source.encoder is not None:
+            checkpoint.load_state(source.encoder, state["encoder_state"], last_path)
         optimizer.load_state_dict(state["optimizer"])
         epoch, step = state["epoch"], state["step"]
         best, bad_epochs = state["best"], state["bad_epochs"]
         log.info("resuming %s at epoch %d (step %d)", run_dir, epoch, step)
     # DDP averages gradients across processes during backward; checkpoints save the unwrapped model.
-    trained = DistributedDataParallel(model) if dist.active else model
+    trained = EndToEnd(source.encoder, model) if source.encoder is not None else model
+    trained = DistributedDataParallel(trained) if dist.active else trained
 
     n_params = sum(p.numel() for p in model.parameters())
     if dist.is_main:
@@ -334,6 +420,11 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                 raise CaptionerError(f"training stopped: {err}; last good checkpoint: {good}") from None
             train_time = time.perf_counter() - t0
             epoch += 1
+            val_array, val_rows = source.val_array(data.val, device)
+            val_set = CaptionDataset(data.val, vocab, val_rows, cfg.data.max_len)
+            val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=pin,
+                                    collate_fn=Collate(val_set, val_array, vocab.pad_id))
+            eval_feats = torch.from_numpy(np.asarray(val_array[val_rows[:n_eval]], dtype=np.float32))
             metrics = {"loss": dev_loss(model, val_loader, device, vocab.pad_id)}
             metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device, dist=dist))
             value = metrics[tc.select_metric]
@@ -344,7 +435,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                      **{f"val_{k}": round(v, 6) for k, v in metrics.items()}, "best": improved}
             if dist.is_main:
                 _write_epoch(run_dir, entry, metrics, improved, {
-                    **checkpoint.model_payload(model, vocab, asdict(store.spec)),
+                    **checkpoint.model_payload(model, vocab, source.spec_dict()), **source.state(),
                     "config": to_dict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                     "best": best, "bad_epochs": bad_epochs, "metrics": metrics,
                 })

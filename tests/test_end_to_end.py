@@ -110,3 +110,22 @@ def test_learns_colours_then_caption_and_evaluate_clis(tiny_data, tmp_path):
     assert report["images"] == len(COLOURS)
     assert len(report["per_image"]) == len(COLOURS)
     assert report["totals"]["BLEU-4"] > 50
+
+
+def test_fine_tuning_the_encoder_trains_it_and_the_checkpoint_captions_with_it(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "cache", "train.epochs=1", "encoder.fine_tune=1",
+                      "encoder.fine_tune_lr_scale=1.0")
+    final = training.fit(cfg, tmp_path / "run")
+    assert final["epoch"] == 1
+    assert not (tmp_path / "cache").exists()  # the cache is bypassed while the encoder trains
+    ckpt = checkpoint.read(tmp_path / "run" / "last.pt")
+    assert "finetuned-" in ckpt["encoder"]["weights"]
+    from captioner.encoders import build_encoder
+    pretrained = build_encoder(ckpt["encoder"]["name"]).state_dict()
+    changed = [k for k, v in ckpt["encoder_state"].items() if v.is_floating_point() and not torch.equal(v, pretrained[k])]
+    assert changed, "fine-tuning left every encoder weight as it was"
+
+    from captioner.inference import Captioner
+    captioner = Captioner.from_checkpoint(tmp_path / "run" / "last.pt")
+    results = list(captioner.caption_images(sorted((tiny_data / "Images").glob("*_0.jpg")), beam_size=2))
+    assert len(results) == 4 and all(r.caption for _, r in results)
