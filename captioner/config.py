@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from captioner.errors import CaptionerError
 
 CELLS = ("rnn", "lstm", "gru")
 CONDITIONING = ("inject", "init", "both")
+SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
+DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,15 @@ def validate(cfg: Config) -> Config:
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),
+        (cfg.encoder.batch_size > 0, f"encoder.batch_size must be positive, got {cfg.encoder.batch_size}"),
+        (cfg.encoder.num_workers >= 0, f"encoder.num_workers must be 0 or more, got {cfg.encoder.num_workers}"),
+        (math.isfinite(t.lr), f"train.lr must be finite, got {t.lr}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be 0 or more, got {t.weight_decay}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be 0 or more, got {t.warmup_steps}"),
+        (t.select_metric in SELECT_METRICS,
+         f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got {t.select_metric!r}"),
+        (t.eval_images >= 0, f"train.eval_images must be 0 (all) or more, got {t.eval_images}"),
+        (d.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}"),
         (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),
         (d.max_len > 0, f"data.max_len must be positive, got {d.max_len}"),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -27,6 +28,9 @@ def plot_curves(log_path: Path, out_path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")  # then renamed: a kill never leaves half a PNG
+    fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    return Path(out_path)
+    os.replace(tmp, out_path)
+    return out_path

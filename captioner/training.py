@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import math
 import time
 from contextlib import nullcontext
@@ -363,7 +364,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         device = torch.device("cuda", dist.local_rank)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        _atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     data = prepare_data(cfg, vocab, dist)
     vocab = data.vocab
     source = data.features
@@ -450,12 +451,25 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
 def _write_epoch(run_dir: Path, entry: dict[str, Any], metrics: dict[str, float], improved: bool,
                  payload: dict[str, Any]) -> None:
     """Rank 0's end of an epoch: a log line, a message, the best and last checkpoints."""
-    with (run_dir / "log.jsonl").open("a", encoding="utf-8") as log_file:
-        log_file.write(json.dumps(entry) + "\n")
+    # Checkpoints first: a kill between the two leaves a log one epoch behind, which the resumed run
+    # rewrites, rather than a log line for an epoch that resume will run again.
+    if improved:
+        checkpoint.save(run_dir / BEST, payload)
+    checkpoint.save(run_dir / LAST, payload)
+    lines = [line for line in _read_lines(run_dir / "log.jsonl") if json.loads(line)["epoch"] < entry["epoch"]]
+    _atomic_write_text(run_dir / "log.jsonl", "".join(f"{line}\n" for line in lines + [json.dumps(entry)]))
     plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
     log.info("epoch %d: train loss %.4f, val loss %.4f, BLEU-4 %.2f, CIDEr %.2f (%.0fs)%s", entry["epoch"],
              entry["train_loss"], metrics["loss"], metrics.get("BLEU-4", float("nan")),
              metrics.get("CIDEr", float("nan")), entry["train_seconds"], "  * best" if improved else "")
-    if improved:
-        checkpoint.save(run_dir / BEST, payload)
-    checkpoint.save(run_dir / LAST, payload)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a kill never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -133,14 +133,15 @@ def test_caption_cli_beam_size_0_is_one_line(trained):
     assert proc.returncode == 2 and proc.stderr == "error: --beam-size must be at least 1, got 0\n"
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate does not check these yet (captioner/config.py): "
-                                       "they fail later with a traceback or silently misbehave")
 @pytest.mark.parametrize("override", [
-    "encoder.batch_size=0",  # DataLoader ValueError during feature extraction
+    "encoder.batch_size=0",  # would be a DataLoader ValueError during feature extraction
     "encoder.num_workers=-1",  # DataLoader ValueError
     "train.weight_decay=-1",  # AdamW ValueError
     "train.select_metric=BLEU5",  # KeyError after the first epoch
-    "train.eval_images=-1",  # silently drops the last dev image
+    "train.eval_images=-1",  # would silently drop the last dev image
+    "train.lr=inf",
+    "train.warmup_steps=-5",
+    "data.format=flikr",
 ])
 def test_config_values_no_run_could_use_are_refused_up_front(override):
     with pytest.raises(CaptionerError, match=override.split("=")[0]):
