@@ -12,10 +12,10 @@ matmul (the one-hot matrix is also the extra tensor its forward builds). Times a
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import best_time  # benchmarks/timing.py, beside this script
 
 
 def lookup(ids: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -43,15 +43,6 @@ def saved_bytes(fn, ids, W) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(ids, W)
     return sum(saved.values())
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

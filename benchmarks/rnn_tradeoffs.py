@@ -16,13 +16,13 @@ Times are the best of --repeats; --threads 1 by default, the machine may be shar
 """
 
 import argparse
-import time
 
 import torch
 
 from captioner.config import ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.search import greedy
+from timing import best_time  # benchmarks/timing.py, beside this script
 
 END = 2
 
@@ -34,15 +34,6 @@ def build_model() -> CaptionDecoder:
     with torch.no_grad():
         model.out.bias[END] = -1e9  # never ends: every caption is exactly max_len words
     return model
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -11,13 +11,13 @@ mean is ~12 words, but about half the captions still run to max_len.
 """
 
 import argparse
-import time
 
 import torch
 
 from captioner.config import ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.search import beam_search, greedy
+from timing import best_time  # benchmarks/timing.py, beside this script
 
 END = 2
 
@@ -34,15 +34,6 @@ def build_model(target_len: float, features: torch.Tensor) -> CaptionDecoder:
             mean = sum(map(len, greedy(model, features))) / len(features)
             lo, hi = (lo, (lo + hi) / 2) if mean < target_len else ((lo + hi) / 2, hi)
     return model
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -13,12 +13,9 @@ Format versions (`format_version` in the dict; `read` migrates older ones in mem
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +24,7 @@ from typing import Any
 
 import torch
 
+from captioner.atomic import atomic_write, remove_stale_temps
 from captioner.config import Config, ModelConfig, model_config_from_dict, validate
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder
@@ -55,33 +53,9 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     A writer killed mid-save leaves only its `.NAME.*.tmp` file behind, never a damaged NAME; the next
     save of NAME removes such leftovers (one process writes a given checkpoint path at a time).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "format_version": FORMAT_VERSION}
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint is as readable as any file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    remove_stale_temps(path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def model_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: dict[str, Any],

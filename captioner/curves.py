@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from captioner.atomic import atomic_write
 
 
 def plot_curves(log_path: Path, out_path: Path) -> Path:
@@ -28,9 +29,6 @@ def plot_curves(log_path: Path, out_path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")  # then renamed: a kill never leaves half a PNG
-    fig.savefig(tmp, dpi=80, format="png")
+    atomic_write(out_path, lambda f: fig.savefig(f, dpi=80, format="png"))  # a kill never leaves half a PNG
     plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    return Path(out_path)

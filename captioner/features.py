@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from captioner.atomic import atomic_write
 from captioner.distributed import Dist
 from captioner.encoders import Encoder, EncoderSpec
 from captioner.errors import CaptionerError
@@ -256,28 +256,13 @@ def _check(index: dict, array_path: Path, spec: EncoderSpec) -> str | None:
 def _write_cache(folder: Path, spec: EncoderSpec, array: np.ndarray, entries: dict, failed: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     array_path = folder / ARRAY_FILE
-    _atomic_write(array_path, lambda f: np.save(f, array))
+    atomic_write(array_path, lambda f: np.save(f, array))
     index = {
         "format": _FORMAT, "spec": dataclasses.asdict(spec), "shape": list(array.shape), "dtype": "float16",
         "array_bytes": array_path.stat().st_size, "array_checksum": _checksum(array_path),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "entries": entries, "failed": failed,
     }
-    _atomic_write(folder / INDEX_FILE, lambda f: f.write(json.dumps(index).encode()))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared cache must be readable by other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(folder / INDEX_FILE, lambda f: f.write(json.dumps(index).encode()))
 
 
 def _checksum(path: Path) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import math
 import time
 from contextlib import nullcontext
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner import checkpoint, distributed
+from captioner.atomic import atomic_write_text
 from captioner.config import Config, EncoderConfig, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
 from captioner.curves import plot_curves
 from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate, ImageCollate
@@ -364,7 +364,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         device = torch.device("cuda", dist.local_rank)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     data = prepare_data(cfg, vocab, dist)
     vocab = data.vocab
     source = data.features
@@ -457,7 +457,7 @@ def _write_epoch(run_dir: Path, entry: dict[str, Any], metrics: dict[str, float]
         checkpoint.save(run_dir / BEST, payload)
     checkpoint.save(run_dir / LAST, payload)
     lines = [line for line in _read_lines(run_dir / "log.jsonl") if json.loads(line)["epoch"] < entry["epoch"]]
-    _atomic_write_text(run_dir / "log.jsonl", "".join(f"{line}\n" for line in lines + [json.dumps(entry)]))
+    atomic_write_text(run_dir / "log.jsonl", "".join(f"{line}\n" for line in lines + [json.dumps(entry)]))
     plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
     log.info("epoch %d: train loss %.4f, val loss %.4f, BLEU-4 %.2f, CIDEr %.2f (%.0fs)%s", entry["epoch"],
              entry["train_loss"], metrics["loss"], metrics.get("BLEU-4", float("nan")),
@@ -468,8 +468,3 @@ def _read_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a kill never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -11,13 +11,12 @@ The vocabulary is stored in every checkpoint (`to_dict`), since ids mean nothing
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from captioner.atomic import atomic_write_text
 from captioner.errors import CaptionerError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -121,16 +120,7 @@ class Vocabulary:
 
     def save(self, path: Path | str) -> None:
         """Write as JSON through a temporary file and a rename, so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path: Path | str) -> Vocabulary:
