@@ -3,6 +3,7 @@
     python analyze.py gradient-flow [--checkpoint CKPT] [--cells rnn lstm gru] [--steps 50] [--hidden 128]
                                     [--spectral-radius R [R ...]] [--out grad_flow.png]
     python analyze.py cells [--checkpoint CKPT] IMAGE [IMAGE|DIR ...] [--out DIR] [--n-best 10]
+    python analyze.py runs RUN_DIR [RUN_DIR ...] [--metric CIDEr]
 
 gradient-flow: fresh decoders of each cell (or the checkpoint's model), a loss on the last of --steps steps,
 ||dL/dh_t|| at every step; with --spectral-radius, copies whose W_hh gate blocks are rescaled to that
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from captioner import gradient_flow, interpret
+from captioner import curves, gradient_flow, interpret
 from captioner.checkpoint import load_model
 from captioner.cli import run_main, setup_logging
 from captioner.config import CELLS
@@ -63,6 +64,11 @@ def cells_cmd(args) -> int:
     return 0
 
 
+def runs_cmd(args) -> int:
+    print(curves.runs_table([Path(d) for d in args.run_dirs], metric=args.metric))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -85,6 +91,11 @@ def main() -> int:
     c.add_argument("--n-best", type=int, default=10, help="beam captions per image in the ranking corpus")
     c.add_argument("--top", type=int, default=2, help="units shown per property")
     c.set_defaults(run=cells_cmd)
+
+    r = sub.add_parser("runs", help="a markdown table of training runs: best epoch and its val scores")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--metric", default="CIDEr", help="which val metric picks each run's best epoch")
+    r.set_defaults(run=runs_cmd)
 
     args = parser.parse_args()
     setup_logging(args.verbose)

@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=20)
     parser.add_argument("--cache-dir", default="cache", help="feature cache (default: ./cache)")
+    parser.add_argument("--limit", type=int, default=0, help="score only the split's first N images (0: all)")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     parser.add_argument("--json", metavar="OUT", help="write per-image captions, references and scores here")
     args = parser.parse_args()
@@ -40,6 +41,9 @@ def main() -> int:
     records = load_records(args.data, format=args.format, splits=[split])
     if not records:
         raise CaptionerError(f"{args.data}: the {split} split is empty or absent")
+    if args.limit < 0:
+        raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
+    records = records[: args.limit or None]
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir))
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,

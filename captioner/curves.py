@@ -1,4 +1,4 @@
-"""Training curves: train/val loss, val BLEU-4 and CIDEr per epoch, drawn from a run's log.jsonl."""
+"""A run's log.jsonl read back: training curves (loss, val BLEU-4, CIDEr per epoch) and table rows."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from captioner.atomic import atomic_write
+from captioner.errors import CaptionerError
 
 
 def plot_curves(log_path: Path, out_path: Path) -> Path:
@@ -32,3 +33,24 @@ def plot_curves(log_path: Path, out_path: Path) -> Path:
     atomic_write(out_path, lambda f: fig.savefig(f, dpi=80, format="png"))  # a kill never leaves half a PNG
     plt.close(fig)
     return Path(out_path)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise CaptionerError(f"{run_dir}: no log.jsonl (not a run directory, or no epoch finished)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def runs_table(run_dirs: list[Path], metric: str = "CIDEr") -> str:
+    """A markdown table, one row per run: the epoch best by `metric` and its greedy val scores."""
+    keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+    rows = ["| run | epochs | best epoch | " + " | ".join(keys) + " | train time (s) |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " | ---: |"]
+    for run_dir in run_dirs:
+        entries = read_log(run_dir)
+        best = max(entries, key=lambda e: e.get(f"val_{metric}", float("-inf")))
+        seconds = sum(e["train_seconds"] for e in entries)
+        scores = " | ".join(f"{best.get(f'val_{k}', float('nan')):.1f}" for k in keys)
+        rows.append(f"| {Path(run_dir).name} | {len(entries)} | {best['epoch']} | {scores} | {seconds:.0f} |")
+    return "\n".join(rows)
