@@ -33,7 +33,7 @@ import torch
 from captioner.decoder import CaptionDecoder
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
-from captioner.search import beam_search, greedy
+from captioner.search import SuppressWords, beam_search, greedy
 
 # ---- a tiny lexicon-based tagger (caption English is simple: "a man in a red shirt rides a bike") ------
 DETERMINERS = frozenset("a an the this that these those some several many two three four five six one "
@@ -145,9 +145,10 @@ def analyse(model: CaptionDecoder, vocab: Vocabulary, features: torch.Tensor, n_
             max_len: int = 20, top: int = 2) -> CellReport:
     """Caption features (N, F) greedily (shown) and with beam n_best (ranking corpus); rank units per property."""
     model.eval()
-    shown_ids = greedy(model, features, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
+    searchable = SuppressWords(model, [vocab.unk_id, vocab.pad_id, vocab.start_id])  # as caption.py decodes
+    shown_ids = greedy(searchable, features, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
     corpus_ids, corpus_feats = [], []
-    for i, hyps in enumerate(beam_search(model, features, beam_size=n_best, n_best=n_best, max_len=max_len,
+    for i, hyps in enumerate(beam_search(searchable, features, beam_size=n_best, n_best=n_best, max_len=max_len,
                                          start_id=vocab.start_id, end_id=vocab.end_id)):
         for cap in [shown_ids[i]] + [h.tokens for h in hyps]:
             corpus_ids.append(cap)
