@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner import checkpoint, distributed
-from captioner.atomic import atomic_write_text
+from captioner.atomic import atomic_write_text, remove_stale_temps
 from captioner.config import Config, EncoderConfig, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
 from captioner.curves import plot_curves
 from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate, ImageCollate
@@ -456,6 +456,8 @@ def _write_epoch(run_dir: Path, entry: dict[str, Any], metrics: dict[str, float]
     if improved:
         checkpoint.save(run_dir / BEST, payload)
     checkpoint.save(run_dir / LAST, payload)
+    for name in ("log.jsonl", "curves.png", "config.toml"):
+        remove_stale_temps(run_dir / name)  # what a writer killed mid-write left behind
     lines = [line for line in _read_lines(run_dir / "log.jsonl") if json.loads(line)["epoch"] < entry["epoch"]]
     atomic_write_text(run_dir / "log.jsonl", "".join(f"{line}\n" for line in lines + [json.dumps(entry)]))
     plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
