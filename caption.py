@@ -1,10 +1,11 @@
 """Caption images from the command line.
 
-    python caption.py photo.jpg holiday/ [--checkpoint CKPT] [--beam-size 3] [--n-best 1] [--json]
+    python caption.py photo.jpg holiday/ [--checkpoint CKPT ...] [--beam-size 3] [--n-best 1] [--json]
 
 Prints `path<TAB>caption` per image (or JSON with the n-best captions and their scores). A file that
 cannot be read gets a one-line error on stderr and the rest are still captioned; the exit status is 1
-if any image failed. Without --checkpoint the model shipped in the package is used.
+if any image failed. Without --checkpoint the model shipped in the package is used; --checkpoint given
+more than once captions with the ensemble of those models (their next-word probabilities averaged).
 """
 
 import argparse
@@ -20,7 +21,9 @@ from captioner.inference import Captioner
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--checkpoint", help="a checkpoint from train.py (default: the shipped Flickr8k model)")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="a checkpoint from train.py (default: the shipped Flickr8k model); "
+                             "give it more than once to caption with their ensemble")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--n-best", type=int, default=1, help="captions per image in --json output")
     parser.add_argument("--max-len", type=int, default=20)
@@ -35,7 +38,7 @@ def main() -> int:
     if not 1 <= args.n_best <= args.beam_size:
         raise CaptionerError(f"--n-best must be between 1 and the beam size ({args.beam_size})")
 
-    captioner = Captioner.from_checkpoint(args.checkpoint)
+    captioner = Captioner.from_checkpoints(args.checkpoint)
     paths, failed = [], 0
     for arg in args.paths:  # a missing path or an empty folder is reported, the others still run
         try:

@@ -1,12 +1,12 @@
 """Score a captioner on a dataset split exactly as the captioning papers do (COCO caption evaluation).
 
-    python evaluate.py --data ../shared/datasets/flickr8k --split val [--checkpoint CKPT]
+    python evaluate.py --data ../shared/datasets/flickr8k --split val [--checkpoint CKPT ...]
                        [--beam-size 3] [--json OUT]
 
 Decodes every image of the split (from the feature cache when present, extracting what is missing),
 prints BLEU-1..4, METEOR, ROUGE-L and CIDEr (x100) with the number of images scored, and writes the
 per-image captions, references and scores plus the totals to OUT. Without --checkpoint it evaluates the
-model shipped in the package.
+model shipped in the package; --checkpoint given more than once evaluates the ensemble of those models.
 """
 
 import argparse
@@ -23,7 +23,9 @@ from captioner.metrics import format_table, score_captions
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a checkpoint from train.py (default: the shipped model)")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="a checkpoint from train.py (default: the shipped model); "
+                             "give it more than once to evaluate their ensemble")
     parser.add_argument("--data", required=True, help="dataset root, any layout the readers know")
     parser.add_argument("--format", default="auto", help="force the dataset format (default: detected)")
     parser.add_argument("--split", default="test", help="train, val (or dev), test (default: test)")
@@ -37,7 +39,7 @@ def main() -> int:
     setup_logging()
 
     split = normalize_split(args.split)
-    captioner = Captioner.from_checkpoint(args.checkpoint)
+    captioner = Captioner.from_checkpoints(args.checkpoint)
     records = load_records(args.data, format=args.format, splits=[split])
     if not records:
         raise CaptionerError(f"{args.data}: the {split} split is empty or absent")
@@ -54,8 +56,10 @@ def main() -> int:
     scores = score_captions(references, captions, meteor=not args.no_meteor)
     print(format_table(scores.totals, len(records)))
     if args.json:
+        # One checkpoint is named as before; an ensemble lists its members.
+        described = args.checkpoint if len(args.checkpoint) > 1 else str((args.checkpoint or ["shipped"])[0])
         out = {
-            "checkpoint": str(args.checkpoint or "shipped"), "data": str(args.data), "split": split,
+            "checkpoint": described, "data": str(args.data), "split": split,
             "beam_size": args.beam_size, "images": len(records), "totals": scores.totals,
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
                            "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],

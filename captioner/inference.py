@@ -1,8 +1,9 @@
 """A trained captioner in use: checkpoint -> (encoder, decoder, vocabulary) -> captions.
 
 `Captioner` is what caption.py and evaluate.py share: it rebuilds the model from a checkpoint (the
-shipped default when none is named), checks that the encoder it was trained on is the one it will be
-fed, and turns image vectors or image files into captions with greedy or beam search.
+shipped default when none is named; several make an ensemble, see captioner.ensemble), checks that the
+encoder it was trained on is the one it will be fed, and turns image vectors or image files into
+captions with greedy or beam search.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from captioner import checkpoint
 from captioner.encoders import Encoder, build_encoder
+from captioner.ensemble import ensemble_of
 from captioner.errors import CaptionerError
 from captioner.images import load_image
 from captioner.search import Hypothesis, SuppressWords, beam_search
@@ -56,6 +58,14 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None) -> Captioner:
         return cls(checkpoint.load_model(path or default_checkpoint()), device)
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: torch.device | None = None) -> Captioner:
+        """One checkpoint (or none: the shipped model): exactly `from_checkpoint`. Several: an ensemble
+        that averages their next-word probabilities; they must share vocabulary and image features."""
+        if len(paths) <= 1:
+            return cls.from_checkpoint(paths[0] if paths else None, device)
+        return cls(ensemble_of([checkpoint.load_model(p) for p in paths], paths), device)
 
     @property
     def encoder(self) -> Encoder:
