@@ -39,6 +39,7 @@ class EncoderConfig:
     num_workers: int = 2
     fine_tune: int = 0  # train the encoder's last N blocks too (images go through the CNN; no cache)
     fine_tune_lr_scale: float = 0.1  # the encoder's learning rate as a fraction of train.lr
+    flip_average: bool = False  # v = mean of f(image) and f(mirrored image); cached apart from plain v
 
 
 @dataclass(frozen=True)

@@ -4,19 +4,19 @@
     x = torch.stack([encoder.preprocess(load_image(p)) for p in paths])   # (B, 3, 224, 224)
     v = encoder(x)                                                         # (B, 1280)
 
-Every encoder carries an `EncoderSpec`: everything that determines its features (weights, preprocessing).
-It goes into checkpoints and into the feature-cache key, so features from different backbones or different
-preprocessing never mix. Encoders are built frozen (eval mode, no gradients); `unfreeze_last(n)` opens the
-last n blocks for fine-tuning.
+Every encoder carries an `EncoderSpec`: everything that determines its features (weights, preprocessing,
+flip averaging). It goes into checkpoints and into the feature-cache key, so features from different
+backbones or different preprocessing never mix. Encoders are built frozen (eval mode, no gradients);
+`unfreeze_last(n)` opens the last n blocks for fine-tuning.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
@@ -40,6 +40,22 @@ class EncoderSpec:
     std: tuple[float, ...]
     feature_dim: int          # length of the pooled vector v
     interpolation: str        # resize filter ("bicubic", "bilinear")
+    # Fields added later have defaults, so specs stored before them (checkpoints, cache indexes) still
+    # describe the same features: see spec_key and spec_with_defaults.
+    flip_average: bool = False  # v = mean of f(image) and f(image mirrored left-right)
+
+
+def spec_key(spec: EncoderSpec) -> dict[str, Any]:
+    """The spec as the dict that keys the feature cache. Fields with a default are left out while at their
+    default, so plain features keep the cache folder they had before those fields existed, and any other
+    value (flip_average = True) gets a folder of its own."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec)
+            if f.default is MISSING or getattr(spec, f.name) != f.default}
+
+
+def spec_with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict as stored (in a checkpoint), with the fields it predates filled in at their defaults."""
+    return {**{f.name: f.default for f in fields(EncoderSpec) if f.default is not MISSING}, **stored}
 
 
 _Builder = Callable[[], "Encoder"]
@@ -60,13 +76,19 @@ def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_encoder(name: str = "efficientnet_lite0") -> "Encoder":
-    """The named pretrained encoder, frozen and in eval mode. CaptionerError for unknown names/missing weights."""
+def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False) -> "Encoder":
+    """The named pretrained encoder, frozen and in eval mode. CaptionerError for unknown names/missing weights.
+
+    flip_average: v is the mean of the features of the image and of its mirror image (see Encoder.forward).
+    """
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise CaptionerError(f"unknown encoder {name!r}{hint}; known: {', '.join(list_encoders())}")
-    return _REGISTRY[name]()
+    encoder = _REGISTRY[name]()
+    if flip_average:
+        encoder.spec = replace(encoder.spec, flip_average=True)
+    return encoder
 
 
 class Encoder(nn.Module):
@@ -85,8 +107,17 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, feature_dim) v: the grid averaged over its h*w positions."""
-        return self.forward_grid(x).mean(dim=(2, 3))
+        """(B, 3, H, W) -> (B, feature_dim) v: the grid averaged over its h*w positions.
+
+        With spec.flip_average, v = (f(x) + f(x mirrored left-right)) / 2: mirroring seldom changes what a
+        caption should say, so the two views are two looks at the same content (test-time augmentation,
+        applied in training too so that v means the same thing). Both views run as one batch of 2B.
+        """
+        if not self.spec.flip_average:
+            return self.forward_grid(x).mean(dim=(2, 3))
+        B = x.shape[0]
+        both = self.forward_grid(torch.cat([x, x.flip(-1)])).mean(dim=(2, 3))  # (2B, feature_dim)
+        return both.unflatten(0, (2, B)).mean(dim=0)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1000) ImageNet logits, for sanity checks of weights and preprocessing."""

@@ -25,6 +25,7 @@ from torch import nn
 from captioner.checkpoint import LoadedModel
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder, State
+from captioner.encoders import spec_with_defaults
 from captioner.errors import CaptionerError
 
 
@@ -74,7 +75,7 @@ def ensemble_of(loaded: Sequence[LoadedModel], paths: Sequence[str | Path]) -> L
             untuned = path if tuned[0] == first_path else first_path
             raise CaptionerError(f"{refuse}: {tuned[0]} carries fine-tuned encoder weights and {untuned} "
                                  "does not, so they read different image vectors")
-        a, b = first.encoder, other.encoder
+        a, b = spec_with_defaults(first.encoder), spec_with_defaults(other.encoder)  # older specs: defaults
         differs = [f"{k}: {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in dict.fromkeys([*a, *b])
                    if a.get(k) != b.get(k)]
         if first.model.feature_dim != other.model.feature_dim:

@@ -15,7 +15,6 @@ interrupted write leaves a mismatch that the checksum catches.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from captioner.atomic import atomic_write
 from captioner.distributed import Dist
-from captioner.encoders import Encoder, EncoderSpec
+from captioner.encoders import Encoder, EncoderSpec, spec_key
 from captioner.errors import CaptionerError
 from captioner.images import load_image
 
@@ -43,7 +42,7 @@ _FORMAT = 1  # bump when the layout changes; older caches are then rebuilt
 
 def cache_folder(cache_dir: Path, spec: EncoderSpec) -> Path:
     """cache_dir/<name>-<16 hex digits of the spec's hash>: one folder per distinct feature definition."""
-    blob = json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()
+    blob = json.dumps(spec_key(spec), sort_keys=True).encode()
     return Path(cache_dir) / f"{spec.name}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
@@ -239,7 +238,7 @@ def _check(index: dict, array_path: Path, spec: EncoderSpec) -> str | None:
     """None when the index belongs to `spec` and the array file is exactly the one it describes."""
     if index.get("format") != _FORMAT:
         return f"format {index.get('format')}, expected {_FORMAT}"
-    if index.get("spec") != json.loads(json.dumps(dataclasses.asdict(spec))):
+    if index.get("spec") != json.loads(json.dumps(spec_key(spec))):
         return "index was written for a different encoder spec"
     if not array_path.exists():
         return f"{array_path.name} is missing"
@@ -258,7 +257,7 @@ def _write_cache(folder: Path, spec: EncoderSpec, array: np.ndarray, entries: di
     array_path = folder / ARRAY_FILE
     atomic_write(array_path, lambda f: np.save(f, array))
     index = {
-        "format": _FORMAT, "spec": dataclasses.asdict(spec), "shape": list(array.shape), "dtype": "float16",
+        "format": _FORMAT, "spec": spec_key(spec), "shape": list(array.shape), "dtype": "float16",
         "array_bytes": array_path.stat().st_size, "array_checksum": _checksum(array_path),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "entries": entries, "failed": failed,
     }

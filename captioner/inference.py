@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from captioner import checkpoint
-from captioner.encoders import Encoder, build_encoder
+from captioner.encoders import Encoder, build_encoder, spec_with_defaults
 from captioner.ensemble import ensemble_of
 from captioner.errors import CaptionerError
 from captioner.images import load_image
@@ -71,7 +71,9 @@ class Captioner:
     def encoder(self) -> Encoder:
         """Built on first use: evaluating from cached features never needs the CNN."""
         if self._encoder is None:
-            encoder = build_encoder(self.encoder_spec["name"])
+            # A spec stored before flip_average existed means the plain features (its default).
+            encoder = build_encoder(self.encoder_spec["name"],
+                                    flip_average=spec_with_defaults(self.encoder_spec)["flip_average"])
             fine_tuned = self.checkpoint.get("encoder_state")
             if fine_tuned is not None:  # trained with the encoder's last blocks: its own weights, frozen now
                 checkpoint.load_state(encoder, fine_tuned, "checkpoint's encoder_state")
