@@ -73,6 +73,12 @@ class TrainConfig:
     eval_max_len: int = 20  # longest caption decoded on dev
     eval_images: int = 0  # decode only this many dev images each epoch (0: all)
     tbptt: int = 0  # truncated BPTT: backpropagate through chunks of this many steps (0: full BPTT)
+    scheduled_sampling: float = 0.0  # final chance that an input word is the model's own draw (ramped from 0)
+    scst_epochs: int = 0  # self-critical epochs (CIDEr-D reward) after the cross-entropy epochs
+    scst_lr: float = 5e-5
+    scst_samples: int = 5  # captions sampled per image
+    scst_baseline: str = "greedy"  # greedy: the greedy caption's reward (Rennie et al.) | mean: other samples'
+    scst_batch_size: int = 50  # images per SCST step
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
@@ -105,6 +111,16 @@ def validate(cfg: Config) -> Config:
         (0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
         (t.schedule in ("cosine", "constant"), f"train.schedule must be cosine or constant, got {t.schedule!r}"),
         (t.tbptt >= 0, f"train.tbptt must be 0 (off) or positive, got {t.tbptt}"),
+        (0.0 <= t.scheduled_sampling <= 1.0,
+         f"train.scheduled_sampling must be in [0, 1], got {t.scheduled_sampling}"),
+        (t.scst_epochs >= 0, f"train.scst_epochs must be 0 (off) or positive, got {t.scst_epochs}"),
+        (t.scst_lr > 0 and math.isfinite(t.scst_lr), f"train.scst_lr must be positive, got {t.scst_lr}"),
+        (t.scst_samples >= 1, f"train.scst_samples must be at least 1, got {t.scst_samples}"),
+        (t.scst_baseline in ("greedy", "mean"), f"train.scst_baseline must be greedy or mean, got {t.scst_baseline!r}"),
+        (t.scst_baseline != "mean" or t.scst_samples >= 2, "train.scst_baseline = \"mean\" needs scst_samples >= 2"),
+        (t.scst_batch_size > 0, f"train.scst_batch_size must be positive, got {t.scst_batch_size}"),
+        (t.scst_epochs == 0 or cfg.encoder.fine_tune == 0,
+         "train.scst_epochs needs a frozen encoder (encoder.fine_tune = 0): SCST trains the decoder on cached features"),
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),

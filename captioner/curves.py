@@ -19,16 +19,20 @@ def plot_curves(log_path: Path, out_path: Path) -> Path:
     entries = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line]
     epochs = [e["epoch"] for e in entries]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    axes[0].plot(epochs, [e["train_loss"] for e in entries], "o-", label="train")
+    xe = [e for e in entries if e.get("phase", "xe") == "xe"]  # SCST epochs' train loss is a policy loss
+    axes[0].plot([e["epoch"] for e in xe], [e["train_loss"] for e in xe], "o-", label="train")
     axes[0].plot(epochs, [e.get("val_loss") for e in entries], "o-", label="val")
     axes[0].set_title("cross-entropy per token")
-    axes[0].legend()
     for ax, key in zip(axes[1:], ["BLEU-4", "CIDEr"]):
         ax.plot(epochs, [e.get(f"val_{key}") for e in entries], "o-", color="tab:green")
         ax.set_title(f"val {key} (greedy)")
+    scst_epochs = [e["epoch"] for e in entries if e.get("phase") == "scst"]
     for ax in axes:
+        if scst_epochs:  # where self-critical training took over
+            ax.axvline(scst_epochs[0] - 0.5, color="grey", linestyle="--", label="SCST starts")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
     atomic_write(out_path, lambda f: fig.savefig(f, dpi=80, format="png"))  # a kill never leaves half a PNG
     plt.close(fig)

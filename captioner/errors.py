@@ -8,3 +8,11 @@ non-zero instead of showing a traceback.
 
 class CaptionerError(Exception):
     """A problem with the user's input, stated in one line."""
+
+
+class NonFiniteLoss(Exception):
+    """Training produced a NaN or infinite loss; the training loop turns it into a CaptionerError."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step

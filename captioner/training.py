@@ -24,19 +24,34 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner import checkpoint, distributed
+from captioner import checkpoint, distributed, scst
 from captioner.atomic import atomic_write_text, remove_stale_temps
-from captioner.config import Config, EncoderConfig, TrainConfig, from_dict, load_config, to_dict, to_toml, validate
+from captioner.config import (
+    Config,
+    EncoderConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    to_dict,
+    to_toml,
+    validate,
+)
 from captioner.curves import plot_curves
-from captioner.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Collate, ImageCollate
+from captioner.data.dataset import (
+    Batch,
+    BucketBatchSampler,
+    CaptionDataset,
+    Collate,
+    ImageCollate,
+)
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.decoder import CaptionDecoder, detach_hidden
 from captioner.distributed import Dist
 from captioner.encoders import Encoder, build_encoder
-from captioner.images import load_image
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.features import FeatureStore, extract_features
+from captioner.images import load_image
 from captioner.metrics import score_captions
 from captioner.search import SuppressWords, greedy
 
@@ -90,8 +105,9 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         optimizer.zero_grad(set_to_none=True)
         n = batch.num_tokens
         n_global = dist.sum(n)  # the global batch's real tokens: every process divides by the same count
+        sampling = cfg.scheduled_sampling * min(1.0, step / max(1, total_steps))  # linear ramp from 0
         loss = backward_batch(model, batch, pad_id, cfg.label_smoothing, cfg.tbptt, autocast,
-                              n_tokens=n_global, world=dist.world, scaler=scaler)
+                              n_tokens=n_global, world=dist.world, scaler=scaler, sampling=sampling)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -121,7 +137,8 @@ def mixed_precision(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
 
 def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoothing: float = 0.0,
                    tbptt: int = 0, autocast=nullcontext, n_tokens: float | None = None,
-                   world: int = 1, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                   world: int = 1, scaler: torch.amp.GradScaler | None = None,
+                   sampling: float = 0.0) -> torch.Tensor:
     """Loss (mean over real tokens) and its gradients for one batch; returns the detached loss.
 
     Full BPTT runs the whole sequence through the fused kernels and backpropagates once. With tbptt = K
@@ -132,7 +149,12 @@ def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoo
 
     Under DistributedDataParallel (world > 1) `n_tokens` is the global batch's token count: each
     process's summed loss / n_tokens * world, averaged over processes by DDP, is the global mean.
+
+    sampling > 0: scheduled sampling (Bengio et al. 2015), see `scheduled_inputs`.
     """
+    if sampling > 0:
+        with autocast():
+            batch = scheduled_inputs(model, batch, sampling, pad_id)
     mask = batch.targets != pad_id  # score only real tokens: skips the output GEMM on padding
     T = batch.inputs.shape[1]
     scale = world / (n_tokens if n_tokens is not None else mask.sum())
@@ -168,10 +190,23 @@ def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoo
     return total
 
 
-class NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss became {value} at step {step}")
-        self.step = step
+@torch.no_grad()
+def scheduled_inputs(model: torch.nn.Module, batch: Batch, chance: float, pad_id: int) -> Batch:
+    """Scheduled sampling: each input word after <start> becomes, with probability `chance`, a word drawn
+    from the model's own prediction at that position instead of the reference word.
+
+    Bengio et al. feed the draw step by step, which needs a Python loop over time; this is the two-pass
+    form (Mihaylova and Liu 2019): one teacher-forced pass without gradients predicts every position at
+    once, the draws replace the chosen inputs, and the training pass runs on the mixed inputs through the
+    fused kernels. The targets stay the reference words.
+    """
+    logits = model(batch.features, batch.inputs)  # (B, T, V): position t predicts word t + 1
+    drawn = torch.distributions.Categorical(logits=logits.float()).sample()  # (B, T)
+    real = batch.inputs[:, 1:] != pad_id
+    swap = (torch.rand(real.shape, device=real.device) < chance) & real
+    inputs = batch.inputs.clone()
+    inputs[:, 1:] = torch.where(swap, drawn[:, :-1], batch.inputs[:, 1:])
+    return Batch(batch.features, inputs, batch.targets)
 
 
 @torch.no_grad()
@@ -403,19 +438,49 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         log.info("%s decoder, %s conditioning, %d layer(s), %.1fM parameters; %d captions, %d steps/epoch "
                  "on %s x %d", cfg.model.cell, cfg.model.conditioning, cfg.model.num_layers, n_params / 1e6,
                  len(train_set), steps_per_epoch, device, dist.world)
+    if tc.scst_epochs and dist.active:
+        raise CaptionerError("train.scst_epochs: self-critical training runs in one process; run it without "
+                             "torchrun (e.g. --resume the run after its cross-entropy epochs)")
+    reward_data = None
+    total_epochs = tc.epochs + tc.scst_epochs
     entry: dict[str, Any] = {}
     try:
-        while epoch < tc.epochs and (bad_epochs < tc.patience or tc.patience <= 0):
+        while epoch < total_epochs:
+            patience_out = tc.patience > 0 and bad_epochs >= tc.patience
+            if patience_out and epoch < tc.epochs and tc.scst_epochs:
+                log.info("early stop of cross-entropy: %s did not improve for %d epochs; on to self-critical "
+                         "training", tc.select_metric, tc.patience)
+                epoch = tc.epochs
+            elif patience_out:
+                break
             # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly. Every
             # process draws the same global batches and takes its own slice of each.
             torch.manual_seed(tc.seed * 100_003 + epoch + 7919 * dist.rank)
             shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            sampler = BucketBatchSampler(train_set.lengths, tc.batch_size, shuffle, dist.rank, dist.world)
-            loader = DataLoader(train_set, collate_fn=collate, batch_sampler=sampler, pin_memory=pin)
             t0 = time.perf_counter()
+            extra: dict[str, Any] = {}
             try:
-                train_loss, step = train_one_epoch(trained, loader, optimizer, tc, step, total_steps, device,
-                                                   vocab.pad_id, desc=f"epoch {epoch + 1}/{tc.epochs}", dist=dist)
+                if epoch < tc.epochs:
+                    sampler = BucketBatchSampler(train_set.lengths, tc.batch_size, shuffle, dist.rank, dist.world)
+                    loader = DataLoader(train_set, collate_fn=collate, batch_sampler=sampler, pin_memory=pin)
+                    train_loss, step = train_one_epoch(trained, loader, optimizer, tc, step, total_steps, device,
+                                                       vocab.pad_id, desc=f"epoch {epoch + 1}/{total_epochs}",
+                                                       dist=dist)
+                    extra = {"phase": "xe", "lr": lr_at(step - 1, tc, total_steps)}
+                else:
+                    if epoch == tc.epochs:  # self-critical training starts from the best cross-entropy model
+                        if (run_dir / BEST).is_file():
+                            checkpoint.load_state(model, checkpoint.read(run_dir / BEST)["model"], run_dir / BEST)
+                        optimizer = torch.optim.AdamW(groups, lr=tc.scst_lr, weight_decay=tc.weight_decay)
+                        bad_epochs = 0
+                    if reward_data is None:
+                        reward_data = scst.RewardData([r.image for r in data.train], source.rows(data.train),
+                                                      [list(r.captions) for r in data.train])
+                    result = scst.scst_epoch(model, source.store.array, reward_data, vocab, optimizer, tc, step,
+                                             device, shuffle, desc=f"epoch {epoch + 1}/{total_epochs} (scst)")
+                    train_loss, step = result.loss, result.step
+                    extra = {"phase": "scst", "lr": tc.scst_lr, "train_reward": round(result.sample_reward, 6),
+                             "train_greedy_reward": round(result.greedy_reward, 6)}
             except NonFiniteLoss as err:
                 good = f"{last_path}" if last_path.exists() else "none (no epoch finished)"
                 raise CaptionerError(f"training stopped: {err}; last good checkpoint: {good}") from None
@@ -431,8 +496,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
             value = metrics[tc.select_metric]
             improved = _is_better(value, best, tc.select_metric)
             best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
-            entry = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 6),
-                     "lr": lr_at(step - 1, tc, total_steps), "train_seconds": round(train_time, 2),
+            entry = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 6), **extra,
+                     "train_seconds": round(train_time, 2),
                      **{f"val_{k}": round(v, 6) for k, v in metrics.items()}, "best": improved}
             if dist.is_main:
                 _write_epoch(run_dir, entry, metrics, improved, {
@@ -443,7 +508,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
             dist.barrier()
     finally:
         distributed.shutdown(dist)
-    if bad_epochs >= tc.patience > 0 and epoch < tc.epochs:
+    if bad_epochs >= tc.patience > 0 and epoch < total_epochs:
         log.info("early stop: %s did not improve for %d epochs", tc.select_metric, tc.patience)
     return entry
 

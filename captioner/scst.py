@@ -1,0 +1,138 @@
+"""Self-critical sequence training (Rennie et al. 2017): after cross-entropy, optimise CIDEr-D itself.
+
+For each training image the model samples `samples` captions from its own distribution; each sample's
+reward is its CIDEr-D against the image's references (document frequencies over the whole training set,
+see captioner/cider.py), minus a baseline:
+
+- "greedy" (the paper): the reward of the model's own greedy caption for that image, so a sample is
+  pushed up exactly when it beats what the model would say at test time;
+- "mean": the mean reward of the image's other samples (no extra decoding).
+
+The loss is REINFORCE with that baseline, -(r - b) * log p(sample), averaged over the sampled tokens; the
+sampled caption's <end> counts as a token, so the model also learns when to stop. Sampling, the greedy
+baseline and the log-probabilities all run with dropout off, so the gradient is that of the policy that
+was sampled (and the one decoded at test time). Like decoding, the policy never emits <unk>, <pad> or
+<start>: their log-probabilities are masked to -inf before the softmax here too.
+
+Only the decoder trains (image vectors come from the feature cache); batches are of images, not captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from captioner.cider import CiderD
+from captioner.config import TrainConfig
+from captioner.data.vocab import Vocabulary, tokenize
+from captioner.errors import NonFiniteLoss
+from captioner.search import SuppressWords, greedy, sample
+
+log = logging.getLogger("captioner")
+
+BASELINES = ("greedy", "mean")
+
+
+@dataclass
+class ScstResult:
+    loss: float  # mean per-token policy-gradient loss
+    sample_reward: float  # mean CIDEr-D of the sampled captions
+    greedy_reward: float  # mean CIDEr-D of the greedy captions (nan with the "mean" baseline)
+    step: int
+
+
+class RewardData:
+    """The training images for SCST: their rows in the feature array and their tokenized references."""
+
+    def __init__(self, images: list, rows: np.ndarray, references: list[list[str]]):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.cider = CiderD({i: [tokenize(c) for c in refs] for i, refs in enumerate(references)})
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end_id: int,
+                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled captions (word ids, no <start>/<end>) -> teacher-forcing inputs and targets (N, T).
+
+    A caption that stopped with <end> gets it as its last target; one cut at max_len has none.
+    """
+    T = max(1, max(len(c) for c in captions) + 1)
+    inputs = torch.full((len(captions), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(captions), T), pad_id, dtype=torch.long)
+    for i, c in enumerate(captions):
+        inputs[i, 0] = start_id
+        inputs[i, 1:len(c) + 1] = torch.tensor(c[:T - 1], dtype=torch.long)
+        targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        if len(c) < max_len:
+            targets[i, len(c)] = end_id
+    inputs[targets == pad_id] = pad_id  # a caption cut at max_len: no input after its last word
+    return inputs, targets
+
+
+def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, vocab: Vocabulary,
+               optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, device: torch.device,
+               generator: torch.Generator, desc: str = "scst") -> ScstResult:
+    """One pass over the training images in shuffled batches of cfg.scst_batch_size images."""
+    K, max_len = cfg.scst_samples, cfg.eval_max_len
+    suppressed = torch.tensor([vocab.unk_id, vocab.pad_id, vocab.start_id])
+    policy = SuppressWords(model, suppressed.tolist())
+    order = torch.randperm(len(data), generator=generator).numpy()
+    batches = [order[i:i + cfg.scst_batch_size] for i in range(0, len(order), cfg.scst_batch_size)]
+    totals = {"loss": 0.0, "tokens": 0, "sample": 0.0, "greedy": 0.0, "n": 0}
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    for idx in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.scst_lr
+        feats = torch.from_numpy(np.asarray(features[data.rows[idx]], dtype=np.float32)).to(device)
+        repeated = feats.repeat_interleave(K, dim=0)  # (B*K, F): image i's samples are rows iK..iK+K-1
+        keys = np.repeat(idx, K)
+        model.eval()  # dropout off: sample, baseline and gradient all belong to the test-time policy
+        with torch.no_grad():
+            drawn = sample(policy, repeated, max_len=max_len, generator=generator,
+                           start_id=vocab.start_id, end_id=vocab.end_id)
+            rewards = torch.tensor(data.cider.scores(keys, [vocab.decode(c).split() for c in drawn]))
+            if cfg.scst_baseline == "greedy":
+                base_caps = greedy(policy, feats, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
+                base = torch.tensor(data.cider.scores(idx, [vocab.decode(c).split() for c in base_caps]))
+                baseline = base.repeat_interleave(K)
+                totals["greedy"] += float(base.sum())
+            else:  # the mean of the image's other K-1 samples
+                per_image = rewards.view(-1, K)
+                baseline = ((per_image.sum(1, keepdim=True) - per_image) / max(1, K - 1)).view(-1)
+        advantage = (rewards - baseline).to(device)
+
+        inputs, targets = sequence_tensors(drawn, max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
+        inputs, targets = inputs.to(device), targets.to(device)
+        mask = targets != vocab.pad_id
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(repeated, inputs, mask)  # (N, V), N real tokens, row-major over (B*K, T)
+        logits[:, suppressed.to(device)] = float("-inf")
+        token_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[mask][:, None]).squeeze(1)
+        token_adv = advantage[:, None].expand_as(mask)[mask]
+        n = int(mask.sum())
+        loss = -(token_adv * token_logp).sum() / n
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(step, loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        totals["loss"] += loss.item() * n
+        totals["tokens"] += n
+        totals["sample"] += float(rewards.sum())
+        totals["n"] += len(idx)
+        bar.set_postfix(reward=f"{totals['sample'] / (totals['n'] * K):.3f}",
+                        img_s=f"{totals['n'] / (time.perf_counter() - start):.0f}")
+    n_img = max(1, totals["n"])
+    return ScstResult(loss=totals["loss"] / max(1, totals["tokens"]), sample_reward=totals["sample"] / (n_img * K),
+                      greedy_reward=totals["greedy"] / n_img if cfg.scst_baseline == "greedy" else float("nan"),
+                      step=step)
