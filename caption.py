@@ -25,6 +25,8 @@ def main() -> int:
                         help="a checkpoint from train.py (default: the shipped Flickr8k model); "
                              "give it more than once to caption with their ensemble")
     parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="beam search's GNMT length-normalisation alpha (default 0: summed log-probability)")
     parser.add_argument("--n-best", type=int, default=1, help="captions per image in --json output")
     parser.add_argument("--max-len", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="print one JSON list with n-best captions and scores")
@@ -49,7 +51,7 @@ def main() -> int:
     paths = list(dict.fromkeys(paths))  # a file named twice is captioned once
     results = []
     for path, result in captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
-                                                 n_best=args.n_best):
+                                                 n_best=args.n_best, length_penalty=args.length_penalty):
         if isinstance(result, CaptionerError):
             failed += 1
             print(f"error: {result}", file=sys.stderr)

@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--format", default="auto", help="force the dataset format (default: detected)")
     parser.add_argument("--split", default="test", help="train, val (or dev), test (default: test)")
     parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="beam search's GNMT length-normalisation alpha (default 0: summed log-probability)")
     parser.add_argument("--max-len", type=int, default=20)
     parser.add_argument("--cache-dir", default="cache", help="feature cache (default: ./cache)")
     parser.add_argument("--limit", type=int, default=0, help="score only the split's first N images (0: all)")
@@ -49,7 +51,7 @@ def main() -> int:
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir))
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
-                                      max_len=args.max_len)
+                                      max_len=args.max_len, length_penalty=args.length_penalty)
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}
@@ -60,7 +62,7 @@ def main() -> int:
         described = args.checkpoint if len(args.checkpoint) > 1 else str((args.checkpoint or ["shipped"])[0])
         out = {
             "checkpoint": described, "data": str(args.data), "split": split,
-            "beam_size": args.beam_size, "images": len(records), "totals": scores.totals,
+            "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records), "totals": scores.totals,
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
                            "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
         }

@@ -90,8 +90,14 @@ class Captioner:
 
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
-                         n_best: int = 1, batch_size: int = 100) -> list[list[Hypothesis]]:
-        """features (N, F) image vectors -> the n-best hypotheses for each image."""
+                         n_best: int = 1, batch_size: int = 100,
+                         length_penalty: float = 0.0) -> list[list[Hypothesis]]:
+        """features (N, F) image vectors -> the n-best hypotheses for each image.
+
+        length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
+        """
+        if length_penalty < 0:
+            raise CaptionerError(f"length penalty must be 0 (off) or positive, got {length_penalty}")
         if beam_size < 1:
             raise CaptionerError(f"beam size must be at least 1, got {beam_size}")
         if n_best > beam_size:
@@ -103,7 +109,8 @@ class Captioner:
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size].to(self.device, torch.float32)
             out.extend(beam_search(self.searchable, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                   start_id=self.vocab.start_id, end_id=self.vocab.end_id))
+                                   length_penalty=length_penalty, start_id=self.vocab.start_id,
+                                   end_id=self.vocab.end_id))
         return out
 
     def text(self, hypothesis: Hypothesis) -> str:
@@ -111,7 +118,7 @@ class Captioner:
 
     @torch.no_grad()
     def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                       batch_size: int = 16):
+                       batch_size: int = 16, length_penalty: float = 0.0):
         """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
         in the order given; one bad file never stops the others."""
         for i in range(0, len(paths), batch_size):
@@ -125,7 +132,8 @@ class Captioner:
                     results[path] = err
             if tensors:
                 feats = self.encoder(torch.stack(tensors).to(self.device))
-                hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best)
+                hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
+                                             length_penalty=length_penalty)
                 for path, h in zip(ok, hyps):
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:
