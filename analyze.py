@@ -3,7 +3,7 @@
     python analyze.py gradient-flow [--checkpoint CKPT] [--cells rnn lstm gru] [--steps 50] [--hidden 128]
                                     [--spectral-radius R [R ...]] [--out grad_flow.png]
     python analyze.py cells [--checkpoint CKPT] IMAGE [IMAGE|DIR ...] [--out DIR] [--n-best 10]
-    python analyze.py runs RUN_DIR [RUN_DIR ...] [--metric CIDEr]
+    python analyze.py runs RUN_DIR [RUN_DIR ...] [--metric CIDEr] [--eval eval-val-beam3.json]
 
 gradient-flow: fresh decoders of each cell (or the checkpoint's model), a loss on the last of --steps steps,
 ||dL/dh_t|| at every step; with --spectral-radius, copies whose W_hh gate blocks are rescaled to that
@@ -65,7 +65,7 @@ def cells_cmd(args) -> int:
 
 
 def runs_cmd(args) -> int:
-    print(curves.runs_table([Path(d) for d in args.run_dirs], metric=args.metric))
+    print(curves.runs_table([Path(d) for d in args.run_dirs], metric=args.metric, eval_name=args.eval))
     return 0
 
 
@@ -95,6 +95,8 @@ def main() -> int:
     r = sub.add_parser("runs", help="a markdown table of training runs: best epoch and its val scores")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--metric", default="CIDEr", help="which val metric picks each run's best epoch")
+    r.add_argument("--eval", metavar="NAME", help="show the totals of each run's evaluate.py --json file NAME "
+                                                  "(e.g. eval-val-beam3.json) instead of the log's greedy scores")
     r.set_defaults(run=runs_cmd)
 
     args = parser.parse_args()

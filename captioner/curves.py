@@ -46,15 +46,28 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def runs_table(run_dirs: list[Path], metric: str = "CIDEr") -> str:
-    """A markdown table, one row per run: the epoch best by `metric` and its greedy val scores."""
-    keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+def runs_table(run_dirs: list[Path], metric: str = "CIDEr", eval_name: str | None = None) -> str:
+    """A markdown table, one row per run.
+
+    Without `eval_name`: the epoch best by `metric` and its greedy val scores from the training log. With
+    it: the totals of the evaluate.py --json file of that name in each run directory (e.g. beam search
+    with METEOR), which a run without one shows as blanks. Training time sums the epochs' train_seconds.
+    """
+    keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    if eval_name is None:
+        keys.remove("METEOR")  # training logs never compute it
     rows = ["| run | epochs | best epoch | " + " | ".join(keys) + " | train time (s) |",
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " | ---: |"]
     for run_dir in run_dirs:
         entries = read_log(run_dir)
         best = max(entries, key=lambda e: e.get(f"val_{metric}", float("-inf")))
         seconds = sum(e["train_seconds"] for e in entries)
-        scores = " | ".join(f"{best.get(f'val_{k}', float('nan')):.1f}" for k in keys)
+        if eval_name is None:
+            values = {k: best.get(f"val_{k}") for k in keys}
+        else:
+            path = Path(run_dir) / eval_name
+            totals = json.loads(path.read_text(encoding="utf-8"))["totals"] if path.is_file() else {}
+            values = {k: totals.get(k) for k in keys}
+        scores = " | ".join("" if values[k] is None else f"{values[k]:.1f}" for k in keys)
         rows.append(f"| {Path(run_dir).name} | {len(entries)} | {best['epoch']} | {scores} | {seconds:.0f} |")
     return "\n".join(rows)

@@ -27,3 +27,20 @@ def test_curves_png_and_table(tmp_path):
     assert table[3].startswith("| b | 2 | 2 |")
     with pytest.raises(CaptionerError, match="no log.jsonl"):
         runs_table([tmp_path])
+
+
+def test_table_from_evaluation_files_and_curves_mark_scst(tmp_path):
+    a = write_run(tmp_path / "a", [10, 30, 20])
+    b = write_run(tmp_path / "b", [5, 6])
+    totals = {"BLEU-1": 61.25, "BLEU-2": 42, "BLEU-3": 28, "BLEU-4": 18.8, "METEOR": 18.5, "ROUGE-L": 44,
+              "CIDEr": 43.99}
+    (a / "eval.json").write_text(json.dumps({"totals": totals}))
+    table = runs_table([a, b], eval_name="eval.json").splitlines()
+    assert "METEOR" in table[0]
+    assert table[2] == "| a | 3 | 2 | 61.2 | 42.0 | 28.0 | 18.8 | 18.5 | 44.0 | 44.0 | 30 |"
+    assert table[3] == "| b | 2 | 2 |  |  |  |  |  |  |  | 20 |"  # no evaluation file: blanks, not zeros
+    # An SCST epoch's policy loss is left out of the cross-entropy panel; the plot still renders.
+    lines = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
+    lines[-1].update(phase="scst", train_loss=-0.5)
+    (a / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert plot_curves(a / "log.jsonl", a / "curves.png").stat().st_size > 0
