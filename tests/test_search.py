@@ -9,7 +9,7 @@ import torch
 from captioner.config import ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
-from captioner.search import Hypothesis, SuppressWords, beam_search, gnmt_length_penalty, greedy, sample
+from captioner.search import Hypothesis, SuppressWords, beam_search, draw, gnmt_length_penalty, greedy, sample
 
 START, END = 1, 2
 F = 16
@@ -178,6 +178,14 @@ def test_sampling_is_repeatable_and_top_1_is_greedy():
     assert draw(top_k=1) == greedy(model, feats)
     with pytest.raises(CaptionerError):
         draw(temperature=0.0)
+
+
+def test_draw_follows_the_probabilities_and_never_picks_an_impossible_word():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    picks = draw(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    freq = torch.bincount(picks[:, 0], minlength=4).float() / 20000
+    assert freq.tolist() == pytest.approx([0.1, 0.0, 0.6, 0.3], abs=0.01)
+    assert freq[1] == 0 and bool((picks[:, 1] == 3).all())
 
 
 def test_bad_options_are_user_errors():
