@@ -1,6 +1,6 @@
 """Turn a training checkpoint into a small shippable one: float16 weights, no optimizer state.
 
-    python -m captioner.export runs/flickr8k/best.pt captioner/pretrained/flickr8k-lstm.pt
+    python -m captioner.export runs/flickr8k/best.pt captioner/pretrained/flickr8k.pt
 
 The exported file still rebuilds itself (model config, vocabulary, encoder spec) and records where it
 came from: the resolved training config, the epoch, and the dev metrics it was selected on.

@@ -25,7 +25,7 @@ from captioner.search import Hypothesis, SuppressWords, beam_search
 
 log = logging.getLogger("captioner")
 
-DEFAULT_CHECKPOINT_NAME = "flickr8k-lstm.pt"
+DEFAULT_CHECKPOINT_NAME = "flickr8k.pt"
 
 
 def default_checkpoint() -> Path:
