@@ -10,7 +10,7 @@ from captioner.errors import CaptionerError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.toml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_load(path):
     assert isinstance(load_config(path), Config)
 
