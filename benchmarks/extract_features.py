@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from captioner.encoders import build_encoder  # noqa: E402
+from captioner.vision.encoders import build_encoder  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
-from captioner.features import extract_features  # noqa: E402
+from captioner.vision.features import extract_features  # noqa: E402
 
 
 def forward_images_per_second(encoder, batch_size: int, batches: int) -> float:

@@ -15,9 +15,9 @@ import torch
 
 from captioner.config import ModelConfig
 from captioner.data.dataset import Batch
-from captioner.decoder import CaptionDecoder
-from captioner.search import beam_search, greedy
-from captioner.training import backward_batch, mixed_precision
+from captioner.model.decoder import CaptionDecoder
+from captioner.model.search import beam_search, greedy
+from captioner.train.step import backward_batch, mixed_precision
 
 
 def sync(device: torch.device) -> None:

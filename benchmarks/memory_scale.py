@@ -31,8 +31,8 @@ def one(images: int, per_image: int, workdir: Path) -> dict:
     from captioner.data.dataset import BucketBatchSampler, CaptionDataset, Collate
     from captioner.data.records import Record
     from captioner.data.vocab import Vocabulary
-    from captioner.decoder import CaptionDecoder
-    from captioner.training import train_one_epoch
+    from captioner.model.decoder import CaptionDecoder
+    from captioner.train.step import train_one_epoch
 
     rng = np.random.default_rng(0)
     path = workdir / f"features-{images}.npy"

@@ -20,8 +20,8 @@ import argparse
 import torch
 
 from captioner.config import ModelConfig
-from captioner.decoder import CaptionDecoder
-from captioner.search import greedy
+from captioner.model.decoder import CaptionDecoder
+from captioner.model.search import greedy
 from timing import best_time  # benchmarks/timing.py, beside this script
 
 END = 2

@@ -21,8 +21,8 @@ def one(args) -> dict:
 
     from captioner.config import ModelConfig
     from captioner.data.dataset import Batch
-    from captioner.decoder import CaptionDecoder
-    from captioner.training import backward_batch
+    from captioner.model.decoder import CaptionDecoder
+    from captioner.train.step import backward_batch
 
     torch.manual_seed(0)
     cfg = ModelConfig(cell=args.cell, embed_dim=args.hidden, hidden_dim=args.hidden, dropout=0.0)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 
 
 def timeit(fn, warmup: int, iters: int) -> float:

@@ -17,7 +17,7 @@ import logging
 import pickle
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ import torch
 from captioner.atomic import atomic_write, remove_stale_temps
 from captioner.config import Config, ModelConfig, model_config_from_dict, validate
 from captioner.data.vocab import Vocabulary
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
+from captioner.model.ensemble import Ensemble
+from captioner.vision.encoders import spec_with_defaults
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -257,3 +259,56 @@ def load_model(path: str | Path, expected: ModelConfig | None = None) -> LoadedM
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def ensemble_of(loaded: Sequence[LoadedModel], paths: Sequence[str | Path]) -> LoadedModel:
+    """Loaded checkpoints -> one LoadedModel whose model is their Ensemble.
+
+    Refused with a one-line CaptionerError naming two of the checkpoints when they do not share the
+    vocabulary, the encoder spec (image features), or fine-tuned encoder weights.
+    """
+    first, first_path = loaded[0], paths[0]
+    for other, path in zip(loaded[1:], paths[1:]):
+        refuse = f"cannot ensemble {first_path} with {path}"
+        if other.vocab != first.vocab:
+            raise CaptionerError(f"{refuse}: their vocabularies differ "
+                                 f"({_vocab_difference(first.vocab, other.vocab)})")
+        tuned = [p for p, m in ((first_path, first), (path, other))
+                 if m.checkpoint.get("encoder_state") is not None]
+        if len(tuned) == 1:
+            untuned = path if tuned[0] == first_path else first_path
+            raise CaptionerError(f"{refuse}: {tuned[0]} carries fine-tuned encoder weights and {untuned} "
+                                 "does not, so they read different image vectors")
+        a, b = spec_with_defaults(first.encoder), spec_with_defaults(other.encoder)  # older specs: defaults
+        differs = [f"{k}: {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in dict.fromkeys([*a, *b])
+                   if a.get(k) != b.get(k)]
+        if first.model.feature_dim != other.model.feature_dim:
+            differs.append(f"feature_dim: {first.model.feature_dim} vs {other.model.feature_dim}")
+        if differs:
+            raise CaptionerError(f"{refuse}: they were trained on different image features "
+                                 f"({'; '.join(differs)})")
+    return LoadedModel(Ensemble([m.model for m in loaded]), first.vocab, first.encoder, first.checkpoint)
+
+
+def _vocab_difference(a: Vocabulary, b: Vocabulary) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} words"
+    i = next(i for i, (x, y) in enumerate(zip(a.words, b.words)) if x != y)
+    return f"word {i} is {a.words[i]!r} vs {b.words[i]!r}"
+
+
+def export(src: str | Path, dst: str | Path) -> Path:
+    """A training checkpoint as a small shippable one: float16 weights, no optimizer state, and where it
+    came from (the resolved training config, the epoch, the dev metrics it was selected on)."""
+    ckpt = read(src)
+    loaded = build_model(ckpt, src)
+    payload = model_payload(loaded.model, loaded.vocab, loaded.encoder, half=True)
+    payload["provenance"] = {
+        "source": Path(src).name,
+        "config": ckpt.get("config"),
+        "epoch": ckpt.get("epoch"),
+        "step": ckpt.get("step"),
+        "dev_metrics": ckpt.get("metrics"),
+    }
+    save(dst, payload)
+    return Path(dst)

@@ -1,16 +1,28 @@
-"""What every command-line entry point shares: logging to stderr and one-line errors.
+"""The `captioner` command: caption, train, evaluate, analyze, export.
 
-A CaptionerError (something the user can fix) is printed as `error: ...` with exit status 2, never as
-a traceback; Ctrl-C exits with 130.
+    captioner caption photo.jpg                     # python -m captioner ... is the same
+    captioner train --config flickr8k --data ../shared/datasets/flickr8k
+
+Every argument is parsed here, before anything heavy is imported: `captioner --help` and a mistyped
+option answer at once, and torch loads only when a command runs (each lives in captioner.commands.NAME
+as `run(args) -> exit status`). A CaptionerError (something the user can fix) is printed as
+`error: ...` with exit status 2, never as a traceback; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from captioner import __version__
 from captioner.errors import CaptionerError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions keep their line breaks; every option's help ends with its default."""
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -28,3 +40,129 @@ def run_main(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _decoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a checkpoint from `captioner train` (default: the shipped Flickr8k model); give it "
+                        "more than once for the ensemble of those models")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=0.0,
+                   help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
+    p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
+
+
+def _caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption image files and folders", formatter_class=_Formatter,
+                       description="""Caption images: prints `path<TAB>caption` per image (or, with --json, one JSON
+list with the n-best captions and their scores). A file that cannot be read gets a one-line
+error on stderr and the rest are still captioned; the exit status is 1 if any image failed.""")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    _decoding(p)
+    p.add_argument("--n-best", type=int, default=1, help="captions per image in --json output")
+    p.add_argument("--json", action="store_true", help="print one JSON list with n-best captions and scores")
+
+
+def _train(sub) -> None:
+    p = sub.add_parser("train", help="train a captioner", formatter_class=_Formatter,
+                       description="""Train a captioner from cached image features.
+
+    captioner train --config flickr8k --data PATH [--set model.cell=gru ...] [--run-dir DIR]
+    captioner train --resume RUN_DIR""")
+    p.add_argument("--config", help="a config name (flickr8k, tiny, levers/gru, ...) or a TOML file; "
+                                    "defaults apply to what it leaves out")
+    p.add_argument("--data", help="dataset root (sets data.root); the layout is detected")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--run-dir", help="where the config, log and checkpoints go (default: runs/<config name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def _evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a captioner on a dataset split", formatter_class=_Formatter,
+                       description="""Score a captioner on a dataset split exactly as the captioning papers do
+(COCO caption evaluation): decodes every image of the split (from the feature cache when
+present, extracting what is missing), prints BLEU-1..4, METEOR, ROUGE-L and CIDEr (x100) with
+the number of images scored, and with --json writes the per-image captions, references and
+scores plus the totals.""")
+    _decoding(p)
+    p.add_argument("--data", required=True, help="dataset root, any layout the readers know")
+    p.add_argument("--format", default="auto", help="force the dataset format (auto: detected)")
+    p.add_argument("--split", default="test", help="train, val (or dev), test")
+    p.add_argument("--cache-dir", default="cache", help="feature cache")
+    p.add_argument("--limit", type=int, default=0, help="score only the split's first N images (0: all)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    p.add_argument("--json", metavar="OUT", help="write per-image captions, references and scores here")
+
+
+def _analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="look inside the decoder: gradient flow, interpretable cells, runs",
+                       formatter_class=_Formatter, description="""Look inside the decoder.
+
+gradient-flow: fresh decoders of each cell (or the checkpoint's model), a loss on the last of --steps
+steps, ||dL/dh_t|| at every step; with --spectral-radius, copies whose W_hh gate blocks are rescaled to
+that largest singular value (above 1 they run with tiny inputs, tanh's linear regime). Prints the
+spectral norms and the decay factor per step, saves the plot. See docs/rnn-lessons.md.
+
+cells: captions the images (greedy shown, beam n-best as the ranking corpus) with the checkpoint,
+ranks the top layer's units by correlation with word position, noun phrases, colour words and "after
+a determiner"; writes DIR/cells.png (units x words) and DIR/cells.html.
+
+runs: a markdown table of training runs, each at its best epoch.""")
+    cells = ("rnn", "lstm", "gru")  # captioner.config.CELLS, spelt out so that --help imports nothing
+    what = p.add_subparsers(dest="analysis", required=True)
+    g = what.add_parser("gradient-flow", help="||dL/dh_t|| against the distance from the loss",
+                        formatter_class=_Formatter)
+    g.add_argument("--checkpoint", help="analyse this trained model instead of fresh ones")
+    g.add_argument("--cells", nargs="+", choices=cells, default=list(cells), help="fresh models' cells")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--hidden", type=int, default=128, help="fresh models' hidden (and embedding) size")
+    g.add_argument("--spectral-radius", type=float, nargs="+", metavar="R",
+                   help="also run copies with every W_hh gate block rescaled to largest singular value R")
+    g.add_argument("--out", default="grad_flow.png")
+    c = what.add_parser("cells", help="hidden units that track word position, noun phrases, colours",
+                        formatter_class=_Formatter)
+    c.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
+    c.add_argument("--checkpoint", help="default: the shipped model")
+    c.add_argument("--out", default="cells", help="folder for cells.png and cells.html")
+    c.add_argument("--n-best", type=int, default=10, help="beam captions per image in the ranking corpus")
+    c.add_argument("--top", type=int, default=2, help="units shown per property")
+    r = what.add_parser("runs", help="a markdown table of training runs: best epoch and its val scores",
+                        formatter_class=_Formatter)
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--metric", default="CIDEr", help="which val metric picks each run's best epoch")
+    r.add_argument("--eval", metavar="NAME", help="show the totals of each run's `evaluate --json` file NAME "
+                                                  "(e.g. eval-val-beam3.json) instead of the log's greedy scores")
+
+
+def _export(sub) -> None:
+    p = sub.add_parser("export", help="a small shippable float16 model from a training checkpoint",
+                       formatter_class=_Formatter, description="""Turn a training checkpoint into a small shippable
+one: float16 weights, no optimizer state. The exported file still rebuilds itself (model config,
+vocabulary, encoder spec) and records where it came from: the resolved training config, the
+epoch, and the dev metrics it was selected on.""")
+    p.add_argument("src", help="a checkpoint written by `captioner train` (best.pt or last.pt)")
+    p.add_argument("dst", help="where to write the float16 model")
+
+
+COMMANDS = {"caption": _caption, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", formatter_class=_Formatter,
+                                     description="Image captioning: a pretrained CNN encodes the photo, an RNN "
+                                                 "that sees it at every step writes the caption.")
+    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse `argv` (default: the process's arguments), then import and run the command."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    module = importlib.import_module(f"captioner.commands.{args.command}")
+    run_main(lambda: module.run(args))

@@ -207,20 +207,81 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at `path`, then `--set` overrides; validated."""
+    """Defaults, then the config `path` (a file, or the name of an installed config: see `find_config`),
+    then `--set` overrides; validated.
+
+    A config file may start from another one: `base = "flickr8k"` (a name or a path relative to the file)
+    applies that config first, so a variant holds only what it changes.
+    """
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CaptionerError(f"{path}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise CaptionerError(f"{path}: not a valid TOML file ({err})") from None
-        cfg = from_dict(raw, cfg)
+        cfg = from_dict(_read_layers(find_config(path), []), cfg)
     if overrides:
         cfg = from_dict(parse_overrides(overrides), cfg)
     return validate(cfg)
+
+
+def _read_layers(path: Path, seen: list[Path]) -> dict[str, Any]:
+    """The file's tables merged over those of its `base` chain, base first."""
+    if path in seen:
+        raise CaptionerError(f"{path}: config bases form a circle ({' -> '.join(p.name for p in seen + [path])})")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaptionerError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise CaptionerError(f"{path}: not a valid TOML file ({err})") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise CaptionerError(f"{path}: base must be a config name or path, got {base!r}")
+    beside = path.parent / base
+    merged = _read_layers(beside if beside.is_file() else find_config(base), seen + [path])
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def configs_folder() -> Path:
+    """The configs shipped with the package (the top-level configs/ folder, installed as captioner.configs)."""
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("captioner.configs")))
+    except ModuleNotFoundError:  # running from a checkout or an editable install: the folder itself
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_configs() -> list[str]:
+    """Names `find_config` accepts: 'flickr8k', 'tiny', 'levers/gru', ..."""
+    root = configs_folder()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.toml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file by path, or by the name of an installed config ('flickr8k', 'levers/gru.toml')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".toml")
+    for prefix in ("", "configs/"):  # `--config configs/tiny.toml` also works away from a checkout
+        shipped = configs_folder() / f"{name.removeprefix(prefix)}.toml"
+        if name.startswith(prefix) and shipped.is_file():
+            return shipped
+    names = available_configs()
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise CaptionerError(f"{name_or_path}: config file not found, nor an installed config of that name{hint}; "
+                         f"the installed configs are: {', '.join(names)}")
+
+
+def config_name(name_or_path: str | Path) -> str:
+    """What a run started from this config is called by default: the file's stem."""
+    return Path(name_or_path).stem
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A trained captioner in use: checkpoint -> (encoder, decoder, vocabulary) -> captions.
 
 `Captioner` is what caption.py and evaluate.py share: it rebuilds the model from a checkpoint (the
-shipped default when none is named; several make an ensemble, see captioner.ensemble), checks that the
+shipped default when none is named; several make an ensemble, see captioner.model.ensemble), checks that the
 encoder it was trained on is the one it will be fed, and turns image vectors or image files into
 captions with greedy or beam search.
 """
@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from captioner import checkpoint
-from captioner.encoders import Encoder, build_encoder, spec_with_defaults
-from captioner.ensemble import ensemble_of
+from captioner.vision.encoders import Encoder, build_encoder, spec_with_defaults
 from captioner.errors import CaptionerError
-from captioner.images import load_image
-from captioner.search import Hypothesis, SuppressWords, beam_search
+from captioner.vision.images import load_image
+from captioner.model.search import Hypothesis, SuppressWords, beam_search
 
 log = logging.getLogger("captioner")
 
@@ -65,7 +64,7 @@ class Captioner:
         that averages their next-word probabilities; they must share vocabulary and image features."""
         if len(paths) <= 1:
             return cls.from_checkpoint(paths[0] if paths else None, device)
-        return cls(ensemble_of([checkpoint.load_model(p) for p in paths], paths), device)
+        return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in paths], paths), device)
 
     @property
     def encoder(self) -> Encoder:

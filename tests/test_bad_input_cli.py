@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import training
+from captioner.train import loop as training
 from captioner.config import load_config
 from captioner.errors import CaptionerError
 from tiny_data import make_flickr_layout

@@ -19,7 +19,7 @@ import torch
 from captioner import checkpoint
 from captioner.config import ModelConfig
 from captioner.data.vocab import Vocabulary
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from captioner.curves import plot_curves, runs_table
+from captioner.analysis.curves import plot_curves, runs_table
 from captioner.errors import CaptionerError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captioner.config import ModelConfig
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 
 CASES = list(itertools.product(["rnn", "lstm", "gru"], ["inject", "init", "both"]))
 V, F = 30, 16

@@ -1,4 +1,4 @@
-"""torchrun with two gloo processes on the CPU trains the same weights as one process (issue 8)."""
+"""torchrun with two gloo processes on the CPU trains the same weights as one process."""
 
 import os
 import subprocess
@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import checkpoint, training
+from captioner import checkpoint
+from captioner.train import loop as training
 from captioner.config import load_config
-from captioner.encoders import build_encoder
-from captioner.features import extract_features
+from captioner.vision.encoders import build_encoder
+from captioner.vision.features import extract_features
 from tiny_data import make_flickr_layout
 
 REPO = Path(__file__).resolve().parents[1]

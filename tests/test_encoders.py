@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from captioner.encoders import (LITE0_SPEC, EfficientNetLite0, _ConvBN, _lite0_weights_file, build_encoder,
+from captioner.vision.encoders import (LITE0_SPEC, EfficientNetLite0, _ConvBN, _lite0_weights_file, build_encoder,
                                 lite0_state_dict, list_encoders)
 from captioner.errors import CaptionerError
-from captioner.images import load_image
+from captioner.vision.images import load_image
 
 # Flickr8k photos whose five captions all say "dog" (and mention no people or other animals), the 8 that
 # the chosen preprocessing is most confident on.

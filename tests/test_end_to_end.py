@@ -14,7 +14,8 @@ import torch
 
 from captioner import checkpoint
 from captioner.config import load_config
-from captioner import training
+from captioner.train import loop as training
+from captioner.train import step as train_step
 from tiny_data import COLOURS, make_flickr_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_data, tmp_path, monkey
     cfg = tiny_config(tiny_data, cache, "train.epochs=4", "model.dropout=0.3")
     full = training.fit(cfg, tmp_path / "full")
 
-    real = training.train_one_epoch
+    real = train_step.train_one_epoch
     calls = {"n": 0}
 
     def crash_on_third_epoch(*args, **kwargs):
@@ -67,10 +68,10 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_data, tmp_path, monkey
             raise KeyboardInterrupt  # as if killed in the middle of epoch 3
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_on_third_epoch)
+    monkeypatch.setattr(train_step, "train_one_epoch", crash_on_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         training.fit(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    monkeypatch.setattr(train_step, "train_one_epoch", real)
     resumed = training.fit(None, tmp_path / "resumed", resume=True)
 
     assert resumed["epoch"] == full["epoch"] == 4
@@ -120,7 +121,7 @@ def test_fine_tuning_the_encoder_trains_it_and_the_checkpoint_captions_with_it(t
     assert not (tmp_path / "cache").exists()  # the cache is bypassed while the encoder trains
     ckpt = checkpoint.read(tmp_path / "run" / "last.pt")
     assert "finetuned-" in ckpt["encoder"]["weights"]
-    from captioner.encoders import build_encoder
+    from captioner.vision.encoders import build_encoder
     pretrained = build_encoder(ckpt["encoder"]["name"]).state_dict()
     changed = [k for k, v in ckpt["encoder_state"].items() if v.is_floating_point() and not torch.equal(v, pretrained[k])]
     assert changed, "fine-tuning left every encoder weight as it was"

@@ -18,13 +18,13 @@ from captioner import checkpoint
 from captioner.config import ModelConfig
 from captioner.data.records import load_records
 from captioner.data.vocab import Vocabulary
-from captioner.decoder import CaptionDecoder
-from captioner.encoders import LITE0_SPEC
-from captioner.ensemble import Ensemble
+from captioner.model.decoder import CaptionDecoder
+from captioner.vision.encoders import LITE0_SPEC
+from captioner.model.ensemble import Ensemble
 from captioner.errors import CaptionerError
-from captioner.features import extract_features
+from captioner.vision.features import extract_features
 from captioner.inference import Captioner
-from captioner.search import SuppressWords, beam_search, greedy
+from captioner.model.search import SuppressWords, beam_search, greedy
 from tiny_data import COLOURS, make_flickr_layout
 
 REPO = Path(__file__).resolve().parents[1]

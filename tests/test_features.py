@@ -10,9 +10,9 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from captioner.encoders import Encoder, EncoderSpec
+from captioner.vision.encoders import Encoder, EncoderSpec
 from captioner.errors import CaptionerError
-from captioner.features import ARRAY_FILE, INDEX_FILE, extract_features
+from captioner.vision.features import ARRAY_FILE, INDEX_FILE, extract_features
 
 SPEC = EncoderSpec(name="tiny", weights="none", image_size=16, resize=16, mean=(0.5,) * 3, std=(0.5,) * 3,
                    feature_dim=4, interpolation="bilinear")

@@ -8,14 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import checkpoint, training
+from captioner import checkpoint
+from captioner.train import loop as training
 from captioner.config import ModelConfig, load_config
 from captioner.data.vocab import Vocabulary
-from captioner.decoder import CaptionDecoder
-from captioner.encoders import LITE0_SPEC, build_encoder, spec_key
+from captioner.model.decoder import CaptionDecoder
+from captioner.vision.encoders import LITE0_SPEC, build_encoder, spec_key
 from captioner.errors import CaptionerError
-from captioner.features import cache_folder, extract_features
-from captioner.images import load_image
+from captioner.vision.features import cache_folder, extract_features
+from captioner.vision.images import load_image
 from captioner.inference import Captioner
 from tiny_data import make_flickr_layout
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from captioner.errors import CaptionerError
-from captioner.images import find_images, load_image
+from captioner.vision.images import find_images, load_image
 
 
 def gradient(w=40, h=30) -> Image.Image:

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import checkpoint, training
+from captioner import checkpoint
+from captioner.train import loop as training
+from captioner.train import step as train_step
 from captioner.config import load_config, to_dict, to_toml
 from captioner.errors import CaptionerError
 from tiny_data import make_flickr_layout
@@ -110,14 +112,14 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(tmp_path
 def test_non_finite_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypatch, value, bad_call, step, good):
     data = make_flickr_layout(tmp_path / "flickr")
     cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.root={data}", f"data.cache_dir={tmp_path / 'c'}"])
-    real, calls = training.backward_batch, []
+    real, calls = train_step.backward_batch, []
 
     def blows_up(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return torch.tensor(value) if len(calls) == bad_call else loss
 
-    monkeypatch.setattr(training, "backward_batch", blows_up)
+    monkeypatch.setattr(train_step, "backward_batch", blows_up)
     run = tmp_path / "run"
     with pytest.raises(CaptionerError) as info:
         training.fit(cfg, run)

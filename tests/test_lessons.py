@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner import gradient_flow as gf
-from captioner import interpret
+from captioner.analysis import gradient_flow as gf
+from captioner.analysis import interpret
 from captioner.config import ModelConfig
 from captioner.data.vocab import Vocabulary
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from captioner.errors import CaptionerError
-from captioner.metrics import (CaptionScorer, format_table, java_available, nltk_corpus_bleu, ptb_tokenize,
+from captioner.eval.metrics import (CaptionScorer, format_table, java_available, nltk_corpus_bleu, ptb_tokenize,
                                score_captions, tokenize_for_eval)
 
 needs_java = pytest.mark.skipif(not java_available(), reason="no Java: PTB tokenizer and METEOR unavailable")

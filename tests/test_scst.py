@@ -13,11 +13,13 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 from tiny_data import make_flickr_layout
 
-from captioner import checkpoint, scst, training
-from captioner.cider import CiderD
+from captioner import checkpoint
+from captioner.train import scst
+from captioner.train import loop as training
+from captioner.eval.cider import CiderD
 from captioner.config import ModelConfig, TrainConfig, load_config
 from captioner.data.vocab import SPECIALS, Vocabulary
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["a", "the", "man", "dog", "woman", "runs", "on", "grass", "in", "red", "blue", "shirt", "water", "jumps", "over", "ball", "two", "people", "street"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from captioner.config import ModelConfig
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
-from captioner.search import Hypothesis, SuppressWords, beam_search, draw, gnmt_length_penalty, greedy, sample
+from captioner.model.search import Hypothesis, SuppressWords, beam_search, draw, gnmt_length_penalty, greedy, sample
 
 START, END = 1, 2
 F = 16

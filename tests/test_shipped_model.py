@@ -11,7 +11,7 @@ import torch
 
 from captioner import checkpoint
 from captioner.inference import default_checkpoint
-from captioner.metrics import java_available
+from captioner.eval.metrics import java_available
 
 REPO = Path(__file__).resolve().parents[1]
 

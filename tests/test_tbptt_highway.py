@@ -1,12 +1,12 @@
-"""Truncated BPTT and highway layers (issue 7, items 1 and 3)."""
+"""Truncated BPTT and highway layers."""
 
 import pytest
 import torch
 
 from captioner.config import ModelConfig
 from captioner.data.dataset import Batch
-from captioner.decoder import CaptionDecoder, Highway
-from captioner.training import backward_batch
+from captioner.model.decoder import CaptionDecoder, Highway
+from captioner.train.step import backward_batch
 
 V, F = 40, 8
 

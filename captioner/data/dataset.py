@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 
 from captioner.data.records import Record
 from captioner.errors import CaptionerError
-from captioner.images import load_image
 from captioner.data.vocab import Vocabulary
 
 
@@ -82,31 +81,6 @@ class Collate:
         T = int(ds.lengths[idx].max()) - 1
         tokens = torch.from_numpy(ds.tokens[idx, : T + 1].astype(np.int64))  # (B, T + 1), padded
         return Batch(feats, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-
-
-class ImageCollate:
-    """For fine-tuning the encoder: the batch's images (decoded here, in DataLoader workers) instead of
-    cached vectors, in Batch.features as (B, 3, H, W). An unreadable image drops its captions from the
-    batch with a warning naming the file."""
-
-    def __init__(self, dataset: CaptionDataset, paths: Sequence, preprocess, pad_id: int):
-        self.dataset, self.paths, self.preprocess, self.pad_id = dataset, list(paths), preprocess, pad_id
-
-    def __call__(self, indices: list[int]) -> Batch:
-        ds = self.dataset
-        kept, images = [], []
-        for i in indices:
-            try:
-                images.append(self.preprocess(load_image(self.paths[ds.rows[i]])))
-                kept.append(i)
-            except CaptionerError as err:
-                log.warning("skipping captions of an unreadable image: %s", err)
-        if not kept:
-            raise CaptionerError(f"no image of a training batch could be read (first: {self.paths[ds.rows[indices[0]]]})")
-        idx = np.asarray(kept, dtype=np.int64)
-        T = int(ds.lengths[idx].max()) - 1
-        tokens = torch.from_numpy(ds.tokens[idx, : T + 1].astype(np.int64))
-        return Batch(torch.stack(images), tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
 
 class BucketBatchSampler:

@@ -52,7 +52,7 @@ class Reader:
     looks_for: str  # what `detect` looks for, said in the error when nothing is found
 
 
-# Filled by the reader modules through `register`; the import at the bottom of this file makes sure they ran.
+# Filled by the reader modules through `register`; the package `captioner.data` imports them.
 READERS: dict[str, Reader] = {}
 # name -> reader function(root: Path, strict: bool) -> list[Record]
 FORMATS: dict[str, Callable[[Path, bool], list[Record]]] = {}
@@ -194,8 +194,3 @@ def load_records(
     if wanted is not None:
         records = [r for r in records if r.split in wanted]
     return sort_records(records)
-
-
-# The readers register themselves on import; importing them here means `load_records` sees every format
-# whichever module was imported first. (At the bottom because they import the names defined above.)
-from captioner.data import coco, flickr, karpathy  # noqa: E402,F401

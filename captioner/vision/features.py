@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from captioner.atomic import atomic_write
 from captioner.distributed import Dist
-from captioner.encoders import Encoder, EncoderSpec, spec_key
+from captioner.vision.encoders import Encoder, EncoderSpec, spec_key
 from captioner.errors import CaptionerError
-from captioner.images import load_image
+from captioner.vision.images import load_image
 
 log = logging.getLogger("captioner")
 

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner.cider import CiderD
+from captioner.eval.cider import CiderD
 from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
-from captioner.search import SuppressWords, greedy, sample
+from captioner.model.search import SuppressWords, greedy, sample
 
 log = logging.getLogger("captioner")
 

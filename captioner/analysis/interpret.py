@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
-from captioner.search import SuppressWords, beam_search, greedy
+from captioner.model.search import SuppressWords, beam_search, greedy
 
 # ---- a tiny lexicon-based tagger (caption English is simple: "a man in a red shirt rides a bike") ------
 DETERMINERS = frozenset("a an the this that these those some several many two three four five six one "

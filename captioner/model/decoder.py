@@ -21,7 +21,7 @@ Conditioning modes (ModelConfig.conditioning):
 - "init":   h_0 (and c_0 for the LSTM) computed from v, no injection afterwards (Show and Tell style);
 - "both":   both.
 
-Decoding is not here: captioner.search drives `init_state` / `step` / `select_state` one step at a time.
+Decoding is not here: captioner.model.search drives `init_state` / `step` / `select_state` one step at a time.
 """
 
 from __future__ import annotations

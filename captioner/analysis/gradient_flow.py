@@ -13,7 +13,7 @@ forget-gate bias at 1 (the decoder's init) its gradient decays more slowly than 
 
 This module measures it on a CaptionDecoder with a per-step Python loop (each step one call of the layer's
 fused kernel, so that every h_t is a tensor we can `retain_grad` on). That loop is for analysis only;
-training runs whole sequences through the kernels (captioner.decoder).
+training runs whole sequences through the kernels (captioner.model.decoder).
 
     rescale_recurrence(model, 2.0)                          # W_hh blocks to spectral norm 2
     scale_inputs(model, 1e-12)                              # tanh stays linear: the explosion shows
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.config import ModelConfig
-from captioner.decoder import CaptionDecoder
+from captioner.model.decoder import CaptionDecoder
 
 # The gate blocks of weight_hh_l0, in PyTorch's row order.
 GATES = {"rnn": ("h",), "lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}

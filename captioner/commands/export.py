@@ -1,0 +1,13 @@
+"""`captioner export SRC DST`: a training checkpoint as a small float16 model for shipping."""
+
+from __future__ import annotations
+
+import argparse
+
+from captioner.checkpoint import export
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.src, args.dst)
+    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
+    return 0

@@ -1,0 +1,23 @@
+"""`captioner train`: a config (by name or path) plus overrides, trained into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from captioner.config import config_name, load_config
+from captioner.errors import CaptionerError
+from captioner.train.loop import fit
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.config or args.data or args.set:
+            raise CaptionerError("--resume takes the run's own config; drop --config/--data/--set")
+        fit(None, Path(args.resume), resume=True)
+        return 0
+    overrides = list(args.set) + ([f"data.root={args.data}"] if args.data else [])
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / (config_name(args.config) if args.config else "default"))
+    fit(cfg, run_dir)
+    return 0

@@ -1,0 +1,52 @@
+"""Scoring the model on the dev split between epochs: teacher-forced loss and greedy captions' metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from captioner.data.vocab import Vocabulary
+from captioner.distributed import Dist
+from captioner.eval.metrics import score_captions
+from captioner.model.decoder import CaptionDecoder
+from captioner.model.search import SuppressWords, greedy
+from captioner.train.step import caption_loss
+
+
+@torch.no_grad()
+def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pad_id: int) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        batch = batch.to(device)
+        logits = model(batch.features, batch.inputs)
+        n = batch.num_tokens
+        total += float(caption_loss(logits, batch.targets, pad_id)) * n
+        tokens += n
+    return total / max(1, tokens)
+
+
+@torch.no_grad()
+def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[list[str]], vocab: Vocabulary,
+             max_len: int, device: torch.device, batch_size: int = 500, dist: Dist = Dist()) -> dict[str, float]:
+    """Greedy-decode every image and score the captions against all references (BLEU, ROUGE-L, CIDEr).
+
+    Under torchrun each process decodes every world-th image; the captions are gathered and rank 0's
+    scores are shared, so every process takes the same early-stopping decision.
+    """
+    model.eval()
+    searchable = SuppressWords(model, [vocab.unk_id, vocab.pad_id, vocab.start_id])  # as caption.py decodes
+    mine = torch.arange(dist.rank, len(features), dist.world)
+    hyps: list[str] = []
+    for i in range(0, len(mine), batch_size):
+        ids = greedy(searchable, features[mine[i:i + batch_size]].to(device), max_len=max_len,
+                     start_id=vocab.start_id, end_id=vocab.end_id)
+        hyps.extend(vocab.decode(seq) for seq in ids)
+    gathered = dist.gather(hyps)
+    totals = None
+    if dist.is_main:
+        captions = {int(i): gathered[r][j] for r in range(dist.world)
+                    for j, i in enumerate(range(r, len(features), dist.world))}
+        scores = score_captions({i: refs for i, refs in enumerate(references)}, captions, meteor=False)
+        totals = dict(scores.totals)
+    return dist.broadcast(totals)

@@ -1,0 +1,21 @@
+"""Pretrained CNN backbones by name (see registry.py). Importing this package registers every backbone:
+the registry itself never imports its members.
+"""
+
+from captioner.vision.encoders.registry import (  # noqa: F401
+    Encoder,
+    EncoderSpec,
+    build_encoder,
+    list_encoders,
+    register,
+    spec_key,
+    spec_with_defaults,
+)
+from captioner.vision.encoders import lite, resnet  # noqa: F401  (registers the backbones)
+from captioner.vision.encoders.lite import (  # noqa: F401
+    LITE0_SPEC,
+    EfficientNetLite0,
+    _ConvBN,
+    _lite0_weights_file,
+    lite0_state_dict,
+)

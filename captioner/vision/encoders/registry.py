@@ -1,0 +1,167 @@
+"""Pretrained CNN backbones by name: image -> feature vector v (and the conv grid behind it).
+
+    encoder = build_encoder("efficientnet_lite0")
+    x = torch.stack([encoder.preprocess(load_image(p)) for p in paths])   # (B, 3, 224, 224)
+    v = encoder(x)                                                         # (B, 1280)
+
+Every encoder carries an `EncoderSpec`: everything that determines its features (weights, preprocessing,
+flip averaging). It goes into checkpoints and into the feature-cache key, so features from different
+backbones or different preprocessing never mix. Encoders are built frozen (eval mode, no gradients);
+`unfreeze_last(n)` opens the last n blocks for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from captioner.errors import CaptionerError
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that determines the features an encoder produces."""
+
+    name: str                 # registry name, e.g. "efficientnet_lite0"
+    weights: str              # which pretrained weights (file name or torchvision enum)
+    image_size: int           # side of the square crop fed to the network
+    resize: int               # shorter side is resized to this before the center crop
+    mean: tuple[float, ...]   # per-channel normalisation applied to [0, 1] pixels
+    std: tuple[float, ...]
+    feature_dim: int          # length of the pooled vector v
+    interpolation: str        # resize filter ("bicubic", "bilinear")
+    # Fields added later have defaults, so specs stored before them (checkpoints, cache indexes) still
+    # describe the same features: see spec_key and spec_with_defaults.
+    flip_average: bool = False  # v = mean of f(image) and f(image mirrored left-right)
+
+
+def spec_key(spec: EncoderSpec) -> dict[str, Any]:
+    """The spec as the dict that keys the feature cache. Fields with a default are left out while at their
+    default, so plain features keep the cache folder they had before those fields existed, and any other
+    value (flip_average = True) gets a folder of its own."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec)
+            if f.default is MISSING or getattr(spec, f.name) != f.default}
+
+
+def spec_with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict as stored (in a checkpoint), with the fields it predates filled in at their defaults."""
+    return {**{f.name: f.default for f in fields(EncoderSpec) if f.default is not MISSING}, **stored}
+
+
+_Builder = Callable[[], "Encoder"]
+_REGISTRY: dict[str, _Builder] = {}
+
+
+def register(name: str) -> Callable[[_Builder], _Builder]:
+    """Decorator: make `build_encoder(name)` call the decorated zero-argument builder."""
+    def add(builder: _Builder) -> _Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"encoder {name!r} registered twice")
+        _REGISTRY[name] = builder
+        return builder
+    return add
+
+
+def list_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False) -> "Encoder":
+    """The named pretrained encoder, frozen and in eval mode. CaptionerError for unknown names/missing weights.
+
+    flip_average: v is the mean of the features of the image and of its mirror image (see Encoder.forward).
+    """
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CaptionerError(f"unknown encoder {name!r}{hint}; known: {', '.join(list_encoders())}")
+    encoder = _REGISTRY[name]()
+    if flip_average:
+        encoder.spec = replace(encoder.spec, flip_average=True)
+    return encoder
+
+
+class Encoder(nn.Module):
+    """Base class: subclasses set `spec`, `transform`, `classifier` and implement forward_grid and stages."""
+
+    spec: EncoderSpec
+    transform: Callable[[Image.Image], torch.Tensor]  # picklable, so DataLoader workers can run it
+    classifier: nn.Module | None                      # ImageNet head (B, feature_dim) -> (B, 1000)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, image_size, image_size) float tensor, normalised as the weights expect."""
+        return self.transform(image)
+
+    def forward_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) last conv feature map (7x7 for 224 inputs)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, feature_dim) v: the grid averaged over its h*w positions.
+
+        With spec.flip_average, v = (f(x) + f(x mirrored left-right)) / 2: mirroring seldom changes what a
+        caption should say, so the two views are two looks at the same content (test-time augmentation,
+        applied in training too so that v means the same thing). Both views run as one batch of 2B.
+        """
+        if not self.spec.flip_average:
+            return self.forward_grid(x).mean(dim=(2, 3))
+        B = x.shape[0]
+        both = self.forward_grid(torch.cat([x, x.flip(-1)])).mean(dim=(2, 3))  # (2B, feature_dim)
+        return both.unflatten(0, (2, B)).mean(dim=0)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1000) ImageNet logits, for sanity checks of weights and preprocessing."""
+        if self.classifier is None:
+            raise CaptionerError(f"encoder {self.spec.name} has no ImageNet classifier")
+        return self.classifier(self.forward(x))
+
+    def stages(self) -> list[nn.Module]:
+        """The feature blocks from input to output; `unfreeze_last(n)` opens the last n."""
+        raise NotImplementedError
+
+    # --- freezing -------------------------------------------------------------------------------------
+    def freeze(self) -> "Encoder":
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def unfreeze_last(self, n: int) -> "Encoder":
+        """Freeze everything, then let gradients reach the last `n` stages (the classifier stays frozen)."""
+        self.freeze()
+        blocks = self.stages()
+        if not 0 <= n <= len(blocks):
+            raise CaptionerError(f"encoder {self.spec.name}: can unfreeze 0..{len(blocks)} blocks, not {n}")
+        for block in blocks[len(blocks) - n:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # Frozen blocks stay in eval mode even while the caption model trains: their BatchNorm statistics
+        # are the pretrained ones, and updating them from small caption batches would shift v under the
+        # decoder's feet. Only unfrozen blocks follow `mode`.
+        super().train(mode)
+        for module in [*self.stages(), self.classifier]:
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+
+def pil_transform(spec: EncoderSpec) -> transforms.Compose:
+    interpolation = transforms.InterpolationMode(spec.interpolation)
+    return transforms.Compose([
+        transforms.Resize(spec.resize, interpolation=interpolation),
+        transforms.CenterCrop(spec.image_size),
+        transforms.ToTensor(),                      # (3, H, W) in [0, 1]
+        transforms.Normalize(spec.mean, spec.std),
+    ])
