@@ -20,7 +20,7 @@ from captioner import checkpoint
 from captioner.vision.encoders import Encoder, build_encoder, spec_with_defaults
 from captioner.errors import CaptionerError
 from captioner.vision.images import load_image
-from captioner.model.search import Hypothesis, SuppressWords, beam_search
+from captioner.model.search import Hypothesis, beam_search, captioning_policy
 
 log = logging.getLogger("captioner")
 
@@ -51,8 +51,7 @@ class Captioner:
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
-        # Search never emits <unk> (nor <pad>/<start>): see SuppressWords.
-        self.searchable = SuppressWords(self.model, [self.vocab.unk_id, self.vocab.pad_id, self.vocab.start_id])
+        self.searchable = captioning_policy(self.model, self.vocab)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None) -> Captioner:

@@ -163,3 +163,32 @@ def test_analyse_writes_heatmap_and_html(tmp_path):
     page = interpret.write_html(report, tmp_path / "cells.html").read_text()
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert page.count("<span class='w'") >= len(report.shown[0].words) and "grass" in page
+
+
+def test_gradient_flow_measures_the_highway_network_that_was_trained():
+    """The measurement runs the decoder's own step, highway gates included: its last-step loss equals the
+    teacher-forced one, and changing a highway gate changes the gradients it reports."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="gru", embed_dim=16, hidden_dim=16, num_layers=2, highway=True, dropout=0.0)
+    model = CaptionDecoder(cfg, vocab_size=30, feature_dim=8).eval()
+    features = torch.randn(3, 8)
+    inputs = torch.randint(4, 30, (3, 6))
+    inputs[:, 0] = 1
+    targets = torch.randint(4, 30, (3,))
+    norms, _ = gf.gradient_norms(model, features, inputs, targets)
+    assert norms.shape == (2, 6) and bool((norms > 0).all())
+
+    with torch.no_grad():  # the loss the measurement backpropagates is the trained network's
+        teacher = F.cross_entropy(model(features, inputs)[:, -1], targets, reduction="sum")
+    step_loss = torch.tensor(0.0)
+    state = model.init_state(features)
+    for t in range(inputs.shape[1]):
+        log_probs, state = model.step(inputs[:, t], state)
+    step_loss = F.nll_loss(log_probs, targets, reduction="sum")
+    torch.testing.assert_close(step_loss, teacher, rtol=1e-5, atol=1e-5)
+
+    opened = gf.copy.deepcopy(model)
+    with torch.no_grad():
+        opened.highway[0].transform.bias.fill_(3.0)  # the gate now mostly transforms instead of carrying
+    opened_norms, _ = gf.gradient_norms(opened, features, inputs, targets)
+    assert not torch.allclose(norms, opened_norms, rtol=1e-3)

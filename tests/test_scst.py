@@ -15,7 +15,9 @@ from tiny_data import make_flickr_layout
 
 from captioner import checkpoint
 from captioner.train import scst
+from captioner.data.dataset import Batch
 from captioner.train import loop as training
+from captioner.train import step as train_step
 from captioner.eval.cider import CiderD
 from captioner.config import ModelConfig, TrainConfig, load_config
 from captioner.data.vocab import SPECIALS, Vocabulary
@@ -141,10 +143,10 @@ def test_scheduled_sampling_trains_and_swaps_inputs(tiny_data, tmp_path):
     model = loaded.model.train()
     inputs = torch.tensor([[1, 5, 6, 7, 0], [1, 8, 9, 0, 0]])
     targets = torch.tensor([[5, 6, 7, 2, 0], [8, 9, 2, 0, 0]])
-    batch = training.Batch(torch.randn(2, model.feature_dim), inputs, targets)
+    batch = Batch(torch.randn(2, model.feature_dim), inputs, targets)
     torch.manual_seed(0)
-    never = training.scheduled_inputs(model, batch, 0.0, pad_id=0)
-    always = training.scheduled_inputs(model, batch, 1.0, pad_id=0)
+    never = train_step.scheduled_inputs(model, batch, 0.0, pad_id=0)
+    always = train_step.scheduled_inputs(model, batch, 1.0, pad_id=0)
     assert torch.equal(never.inputs, inputs)
     assert torch.equal(always.inputs[:, 0], inputs[:, 0]) and torch.equal(always.inputs == 0, inputs == 0)
     assert torch.equal(always.targets, targets)

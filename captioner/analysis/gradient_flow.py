@@ -11,9 +11,10 @@ saturates, f' ~ 0 and the gradient dies anyway. The LSTM's cell state adds a pat
 forget gate itself (dc_{t-1} = f_t * dc_t), with no W_hh and no squashing derivative in it, so with the
 forget-gate bias at 1 (the decoder's init) its gradient decays more slowly than the vanilla RNN's.
 
-This module measures it on a CaptionDecoder with a per-step Python loop (each step one call of the layer's
-fused kernel, so that every h_t is a tensor we can `retain_grad` on). That loop is for analysis only;
-training runs whole sequences through the kernels (captioner.model.decoder).
+This module measures it on a CaptionDecoder driven one step at a time through its public `init_state` /
+`step` API (the one search uses), so that every h_t is a tensor we can `retain_grad` on and the network
+measured is exactly the one trained, highway gates and image injection included. Training runs whole
+sequences through the kernels instead (captioner.model.decoder).
 
     rescale_recurrence(model, 2.0)                          # W_hh blocks to spectral norm 2
     scale_inputs(model, 1e-12)                              # tanh stays linear: the explosion shows
@@ -118,31 +119,19 @@ def gradient_norms(model: CaptionDecoder, features: torch.Tensor, inputs: torch.
     same step's h_t, so dL/dc_t is not reported).
     """
     B, T = inputs.shape  # batch, time
-    L, lstm = model.cfg.num_layers, model.cfg.cell == "lstm"
-    image_inputs = model._image_inputs(features)  # [(B, d_l)]: P_l v, injected at every step
-    hidden = model._initial_hidden(features)  # per layer: h_0 (B, H) or (h_0, c_0)
+    L = model.cfg.num_layers
+    state = model.init_state(features)  # the decoder's own per-step API: injection, highway and all
     hs = [[] for _ in range(L)]  # hs[l][t]: (B, H), gradients retained
     for t in range(T):
-        x = model.embed(inputs[:, t:t + 1])  # (B, 1, E)
-        for i, layer in enumerate(model.layers):
-            if image_inputs:
-                x = x + image_inputs[i].unsqueeze(1)
-            if lstm:
-                h_prev, c_prev = hidden[i]
-                x, (_, c) = layer(x, (h_prev.unsqueeze(0), c_prev.unsqueeze(0)))
-                c = c.squeeze(0)
-            else:
-                x, _ = layer(x, hidden[i].unsqueeze(0))
-            # One tensor is both this step's output and the next step's h_{t-1}, so its gradient sums
-            # both paths (up the stack / to the loss, and along time).
-            h = x.squeeze(1)  # (B, H)
+        log_probs, state = model.step(inputs[:, t], state)  # (B, V)
+        # The state's h_l is also what layer l sent upward at this step (CaptionDecoder._layers), so its
+        # gradient sums both paths: up the stack / to the loss, and along time.
+        for i, h in enumerate(state[:L]):
             h.retain_grad()
             hs[i].append(h)
-            hidden[i] = (h, c) if lstm else h
-            x = h.unsqueeze(1)
     if targets is None:
         targets = torch.randint(4, model.vocab_size, (B,), generator=torch.Generator().manual_seed(1))
-    loss = F.cross_entropy(model.out(hs[-1][-1]), targets, reduction="sum")
+    loss = F.nll_loss(log_probs, targets, reduction="sum")
     model.zero_grad(set_to_none=True)
     loss.backward()
     h_norms = torch.stack([torch.stack([_norm(h.grad) for h in layer]) for layer in hs])  # (L, T)

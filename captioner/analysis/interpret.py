@@ -33,7 +33,7 @@ import torch
 from captioner.model.decoder import CaptionDecoder
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
-from captioner.model.search import SuppressWords, beam_search, greedy
+from captioner.model.search import beam_search, captioning_policy, greedy
 
 # ---- a tiny lexicon-based tagger (caption English is simple: "a man in a red shirt rides a bike") ------
 DETERMINERS = frozenset("a an the this that these those some several many two three four five six one "
@@ -145,7 +145,7 @@ def analyse(model: CaptionDecoder, vocab: Vocabulary, features: torch.Tensor, n_
             max_len: int = 20, top: int = 2) -> CellReport:
     """Caption features (N, F) greedily (shown) and with beam n_best (ranking corpus); rank units per property."""
     model.eval()
-    searchable = SuppressWords(model, [vocab.unk_id, vocab.pad_id, vocab.start_id])  # as caption.py decodes
+    searchable = captioning_policy(model, vocab)  # as captions are decoded everywhere
     shown_ids = greedy(searchable, features, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
     corpus_ids, corpus_feats = [], []
     for i, hyps in enumerate(beam_search(searchable, features, beam_size=n_best, n_best=n_best, max_len=max_len,

@@ -41,6 +41,11 @@ class Vocabulary:
     """Words by id. Ids 0-3 are <pad>, <start>, <end>, <unk>; then words by count, most frequent first."""
 
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+    # Words no generated caption may contain: a caption saying "a man in a <unk>" helps nobody (papers'
+    # captioners suppress it the same way), and <pad> / <start> are never words. Greedy, beam search,
+    # sampling, SCST and dev evaluation all decode through captioner.model.search.captioning_policy,
+    # which applies this rule.
+    never_emitted = (unk_id, pad_id, start_id)
 
     def __init__(self, words: Iterable[str]):
         self.words: tuple[str, ...] = tuple(words)  # id -> word

@@ -137,10 +137,16 @@ class CaptionDecoder(nn.Module):
             if image_inputs:
                 x = x + image_inputs[i].unsqueeze(1)  # (B, 1, d) broadcast over T: once per caption
             y, last = layer(x, _to_kernel(hidden[i]))  # (B, T, H)
+            state = _from_kernel(last)
+            if y.shape[1] == 1:
+                # One step: the kernel returns h_t twice (output and final state). Send the state's own
+                # tensor upward, so that one tensor carries both of h_t's paths, up the stack and along
+                # time, and its gradient is dL/dh_t (what analysis.gradient_flow measures).
+                y = (state[0] if isinstance(state, tuple) else state).unsqueeze(1)
             if self.highway is not None and i > 0:
                 y = self.highway[i - 1](below, y)
             x = self.drop(y)
-            new_hidden.append(_from_kernel(last))
+            new_hidden.append(state)
         return x, new_hidden
 
     # ---- one step at a time, for search -------------------------------------------------------------

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
 
-START_ID, END_ID = 1, 2  # the vocabulary's special ids (captioner.data.vocab), passed in as arguments
+START_ID, END_ID = Vocabulary.start_id, Vocabulary.end_id  # defaults; callers pass their vocabulary's
 
 
 @dataclass
@@ -249,12 +250,14 @@ def _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive, score, logp,
     fin_words[alive] = all_words.gather(1, best[:, :, None].expand(-1, -1, T))
 
 
-class SuppressWords:
-    """A decoder seen through a filter: search never emits the given word ids.
+def captioning_policy(model, vocab: Vocabulary) -> SuppressWords:
+    """`model` as every caption is decoded: it never emits the vocabulary's `never_emitted` words."""
+    return SuppressWords(model, vocab.never_emitted)
 
-    Used to keep <unk>, <pad> and <start> out of generated captions: a caption saying "a man in a <unk>"
-    helps nobody, and papers' captioners suppress it the same way. Everything else is delegated.
-    """
+
+class SuppressWords:
+    """A decoder seen through a filter: search never emits the given word ids; the rest is delegated.
+    `captioning_policy` builds the one used for captions (no <unk>, <pad> or <start>)."""
 
     def __init__(self, model, word_ids):
         self.model = model

@@ -31,7 +31,7 @@ from captioner.eval.cider import CiderD
 from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
-from captioner.model.search import SuppressWords, greedy, sample
+from captioner.model.search import captioning_policy, greedy, sample
 
 log = logging.getLogger("captioner")
 
@@ -82,8 +82,8 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
                generator: torch.Generator, desc: str = "scst") -> ScstResult:
     """One pass over the training images in shuffled batches of cfg.scst_batch_size images."""
     K, max_len = cfg.scst_samples, cfg.eval_max_len
-    suppressed = torch.tensor([vocab.unk_id, vocab.pad_id, vocab.start_id])
-    policy = SuppressWords(model, suppressed.tolist())
+    policy = captioning_policy(model, vocab)
+    suppressed = policy.word_ids
     order = torch.randperm(len(data), generator=generator).numpy()
     batches = [order[i:i + cfg.scst_batch_size] for i in range(0, len(order), cfg.scst_batch_size)]
     totals = {"loss": 0.0, "tokens": 0, "sample": 0.0, "greedy": 0.0, "n": 0}

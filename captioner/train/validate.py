@@ -9,7 +9,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.eval.metrics import score_captions
 from captioner.model.decoder import CaptionDecoder
-from captioner.model.search import SuppressWords, greedy
+from captioner.model.search import captioning_policy, greedy
 from captioner.train.step import caption_loss
 
 
@@ -35,7 +35,7 @@ def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[lis
     scores are shared, so every process takes the same early-stopping decision.
     """
     model.eval()
-    searchable = SuppressWords(model, [vocab.unk_id, vocab.pad_id, vocab.start_id])  # as caption.py decodes
+    searchable = captioning_policy(model, vocab)  # as captions are decoded everywhere
     mine = torch.arange(dist.rank, len(features), dist.world)
     hyps: list[str] = []
     for i in range(0, len(mine), batch_size):
