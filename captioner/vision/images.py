@@ -69,6 +69,26 @@ def _decode(opener, name, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return to_rgb(img, name)
 
 
+def thumbnail(path: str | os.PathLike, size: int = 256) -> Image.Image:
+    """A small upright RGB copy of the image file at `path`, at most `size` pixels on its longer side.
+
+    JPEGs are decoded at a reduced scale straight away (PIL's draft mode), so thumbnailing thousands of
+    photos costs a fraction of decoding them whole. CaptionerError on a bad file, as `load_image`.
+    """
+    path = Path(path)
+    _check_is_file(path)
+
+    def opener():
+        img = Image.open(path)
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        return img
+
+    img = _decode(opener, path)
+    img.thumbnail((size, size))
+    return img
+
+
 def as_image(obj, name: str = "image") -> Image.Image:
     """What a Python caller may hand the captioner -> an RGB PIL image; CaptionerError naming `name`.
 
