@@ -9,6 +9,7 @@ from pathlib import Path
 
 from captioner.data.records import SPLITS, load_records, normalize_split
 from captioner.errors import CaptionerError
+from captioner.eval.gallery import check_page_path
 from captioner.eval.metrics import format_table, score_captions
 from captioner.inference import Captioner, resolve_device
 from captioner.vision.features import extract_features
@@ -37,6 +38,8 @@ def pick_split(asked: str | None, present: set[str], data: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
+    if args.html:
+        check_page_path(args.html)
     all_records = load_records(args.data, format=args.format)
     split = pick_split(args.split, {r.split for r in all_records}, str(args.data))
     records = [r for r in all_records if r.split == split]

@@ -43,6 +43,16 @@ def thumbs_folder(out: Path) -> Path:
     return out.with_name(out.stem + "_files")
 
 
+def check_page_path(out: str | os.PathLike) -> Path:
+    """`out` as a Path if a gallery page can go there (checked before any captioning); else CaptionerError."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise CaptionerError(f"{out}: the gallery is an HTML page; name it OUT.html")
+    if not out.parent.is_dir():
+        raise CaptionerError(f"{out.parent}: no such folder for the gallery page")
+    return out
+
+
 def write_gallery(out: str | os.PathLike, items: Sequence[GalleryItem], title: str = "captions",
                   totals: Mapping[str, float] | None = None, subtitle: str = "",
                   thumb_size: int = THUMB_SIZE) -> Path:
@@ -50,11 +60,7 @@ def write_gallery(out: str | os.PathLike, items: Sequence[GalleryItem], title: s
 
     An image that cannot be read gets a card without a thumbnail (and one warning for all of them).
     """
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise CaptionerError(f"{out}: the gallery is an HTML page; name it OUT.html")
-    if out.parent and not out.parent.is_dir():
-        raise CaptionerError(f"{out.parent}: no such folder for the gallery page")
+    out = check_page_path(out)
     folder = thumbs_folder(out)
     if folder.exists():
         shutil.rmtree(folder)  # thumbnails of an earlier page: numbered the same way, maybe other images
