@@ -56,7 +56,8 @@ def _pretrained_path(name_or_path: str | Path | None) -> Path:
     if path.name == str(name_or_path) and candidate.is_file():
         return candidate
     names = ", ".join(sorted(p.stem for p in shipped.glob("*.pt"))) or "none"
-    raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name (shipped: {names})")
+    raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
+                         f"(shipped: {names})")
 
 
 def default_checkpoint() -> Path:
