@@ -1,8 +1,33 @@
 """captioner: a pretrained CNN encodes an image into a vector v; an RNN decoder that sees v at every
 step writes the caption.
 
+    from captioner import Captioner
+    cap = Captioner.from_pretrained()            # the shipped model; a checkpoint path or a name also works
+    cap("photo.jpg")                             # -> "a dog runs through the grass"
+
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
 -> search (greedy, beam, sampling) -> metrics.
+
+Importing the package imports no torch: `Captioner` and `CaptionerError` are loaded on first use, so the
+`captioner` command answers --help at once.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Captioner", "CaptionerError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Captioner":
+        from captioner.inference import Captioner
+
+        return Captioner
+    if name == "CaptionerError":
+        from captioner.errors import CaptionerError
+
+        return CaptionerError
+    raise AttributeError(f"module 'captioner' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + ["Captioner", "CaptionerError"])

@@ -1,4 +1,4 @@
-"""The `captioner` command: caption, train, evaluate, analyze, export.
+"""The `captioner` command: caption, train, evaluate, analyze, export, serve.
 
     captioner caption photo.jpg                     # python -m captioner ... is the same
     captioner train --config flickr8k --data ../shared/datasets/flickr8k
@@ -20,9 +20,21 @@ from collections.abc import Callable, Sequence
 from captioner import __version__
 from captioner.errors import CaptionerError
 
+DEVICES = ("auto", "cpu", "cuda")  # captioner.inference.DEVICES, spelt out so that --help imports nothing
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions keep their line breaks; every option's help ends with its default."""
+    """Descriptions keep their line breaks; every option's help ends with its default.
+
+    A help text that states its default itself ("(default: ...)") is left as written, and an option whose
+    default is None (not set unless given) gets no "(default: None)".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -46,21 +58,29 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", default=[],
                    help="a checkpoint from `captioner train` (default: the shipped Flickr8k model); give it "
                         "more than once for the ensemble of those models")
-    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--beam-size", type=int, default=3, help="beam width (1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
     p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where the model runs (auto: a GPU when there is one)")
 
 
 def _caption(sub) -> None:
     p = sub.add_parser("caption", help="caption image files and folders", formatter_class=_Formatter,
                        description="""Caption images: prints `path<TAB>caption` per image (or, with --json, one JSON
-list with the n-best captions and their scores). A file that cannot be read gets a one-line
-error on stderr and the rest are still captioned; the exit status is 1 if any image failed.""")
+list with the n-best captions and their scores). With --n-best K above 1 and no --json, each
+image gets K lines `path<TAB>score<TAB>caption`, best first. --html writes a page of thumbnails
+with their captions. A file that cannot be read gets a one-line error on stderr and the rest are
+still captioned; the exit status is 1 if any image failed.""")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     _decoding(p)
-    p.add_argument("--n-best", type=int, default=1, help="captions per image in --json output")
+    p.add_argument("--n-best", type=int, default=1,
+                   help="captions per image, best first (at most the beam size)")
     p.add_argument("--json", action="store_true", help="print one JSON list with n-best captions and scores")
+    p.add_argument("--html", metavar="OUT.html",
+                   help="also write a gallery page: each image's thumbnail with its captions (thumbnails go "
+                        "in OUT_files/ beside it)")
 
 
 def _train(sub) -> None:
@@ -84,15 +104,20 @@ def _evaluate(sub) -> None:
 (COCO caption evaluation): decodes every image of the split (from the feature cache when
 present, extracting what is missing), prints BLEU-1..4, METEOR, ROUGE-L and CIDEr (x100) with
 the number of images scored, and with --json writes the per-image captions, references and
-scores plus the totals.""")
+scores plus the totals; with --html, a gallery page of every scored image with its caption,
+references and scores, worst CIDEr first. Without --split it scores the test split when the
+data has one, else val (and says so).""")
     _decoding(p)
     p.add_argument("--data", required=True, help="dataset root, any layout the readers know")
     p.add_argument("--format", default="auto", help="force the dataset format (auto: detected)")
-    p.add_argument("--split", default="test", help="train, val (or dev), test")
+    p.add_argument("--split", help="train, val (or dev), test (default: test when the data has one, else val)")
     p.add_argument("--cache-dir", default="cache", help="feature cache")
     p.add_argument("--limit", type=int, default=0, help="score only the split's first N images (0: all)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     p.add_argument("--json", metavar="OUT", help="write per-image captions, references and scores here")
+    p.add_argument("--html", metavar="OUT.html",
+                   help="write a gallery page: thumbnails, captions, references, per-image BLEU-4 and CIDEr, "
+                        "sortable (thumbnails go in OUT_files/ beside it)")
 
 
 def _analyze(sub) -> None:
@@ -115,11 +140,11 @@ runs: a markdown table of training runs, each at its best epoch.""")
                         formatter_class=_Formatter)
     g.add_argument("--checkpoint", help="analyse this trained model instead of fresh ones")
     g.add_argument("--cells", nargs="+", choices=cells, default=list(cells), help="fresh models' cells")
-    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--steps", type=int, default=50, help="decoder steps; the loss is on the last one")
     g.add_argument("--hidden", type=int, default=128, help="fresh models' hidden (and embedding) size")
     g.add_argument("--spectral-radius", type=float, nargs="+", metavar="R",
                    help="also run copies with every W_hh gate block rescaled to largest singular value R")
-    g.add_argument("--out", default="grad_flow.png")
+    g.add_argument("--out", default="grad_flow.png", help="where the plot goes")
     c = what.add_parser("cells", help="hidden units that track word position, noun phrases, colours",
                         formatter_class=_Formatter)
     c.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
@@ -145,7 +170,36 @@ epoch, and the dev metrics it was selected on.""")
     p.add_argument("dst", help="where to write the float16 model")
 
 
-COMMANDS = {"caption": _caption, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export}
+def _serve(sub) -> None:
+    p = sub.add_parser("serve", help="caption photos from a browser or over HTTP", formatter_class=_Formatter,
+                       description="""Serve the captioner over HTTP (needs the serve extra: pip install 'captioner[serve]').
+
+    GET  /          a page to drop or pick photos and see their captions
+    POST /caption   multipart field `image` (optional fields beam_size, n_best)
+                    -> {"caption": ..., "n_best": [{"caption": ..., "score": ...}, ...]}
+    GET  /health    {"status": "ok", ...}
+
+The model is loaded once; requests that arrive together are captioned in one batch (up to
+--max-batch images, waiting at most --max-wait-ms for more). Bad uploads get a 4xx answer with
+{"error": ...}; nothing is written to disk.""")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--checkpoint", help="a checkpoint from `captioner train` or a shipped model's name "
+                                        "(default: the shipped Flickr8k model)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where the model runs (auto: a GPU when there is one)")
+    p.add_argument("--beam-size", type=int, default=3, help="default beam width of a request")
+    p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
+    p.add_argument("--max-batch", type=int, default=16, help="most images captioned in one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others (0: no batching)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest upload accepted, in megabytes; larger ones are refused unread")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for the model (0: the cores this process may use)")
+
+
+COMMANDS = {"caption": _caption, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,45 @@ import torch
 from captioner import checkpoint
 from captioner.vision.encoders import Encoder, build_encoder, spec_with_defaults
 from captioner.errors import CaptionerError
-from captioner.vision.images import load_image
+from captioner.vision.images import as_image, load_image
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 
 log = logging.getLogger("captioner")
 
 DEFAULT_CHECKPOINT_NAME = "flickr8k.pt"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (CUDA when there is a GPU, else the CPU), "cpu", "cuda" (or "cuda:N"), or a torch.device."""
+    if isinstance(device, torch.device):
+        return device
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CaptionerError(f"device {name!r} asked for, but no CUDA device is available (use cpu or auto)")
+        return torch.device(name)
+    raise CaptionerError(f"unknown device {name!r} (expected auto, cpu or cuda)")
+
+
+def _pretrained_path(name_or_path: str | Path | None) -> Path:
+    """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path."""
+    if name_or_path is None:
+        return default_checkpoint()
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = Path(str(resources.files("captioner") / "pretrained"))
+    candidate = shipped / f"{name_or_path}.pt"
+    if path.name == str(name_or_path) and candidate.is_file():
+        return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.pt"))) or "none"
+    raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
+                         f"(shipped: {names})")
 
 
 def default_checkpoint() -> Path:
@@ -64,6 +97,18 @@ class Captioner:
         if len(paths) <= 1:
             return cls.from_checkpoint(paths[0] if paths else None, device)
         return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in paths], paths), device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path | None = None,
+                        device: str | torch.device = "auto") -> Captioner:
+        """The shipped model (None or its name, "flickr8k"), or a checkpoint file from `captioner train`.
+
+            cap = Captioner.from_pretrained()
+            cap("photo.jpg")                  # -> "a dog runs through the grass"
+
+        device: "auto" (a GPU when there is one), "cpu" or "cuda".
+        """
+        return cls(checkpoint.load_model(_pretrained_path(name_or_path)), resolve_device(device))
 
     @property
     def encoder(self) -> Encoder:
@@ -136,3 +181,48 @@ class Captioner:
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:
                 yield path, results[path]
+
+    # ---- the Python API: cap(x) -------------------------------------------------------------------------
+    @torch.no_grad()
+    def caption_pil(self, images: Sequence, beam_size: int = 3, max_len: int = 20, n_best: int = 1,
+                    length_penalty: float = 0.0, batch_size: int = 16) -> list[list[Hypothesis]]:
+        """RGB PIL images (already decoded: see captioner.vision.images) -> the n-best for each, batched."""
+        out: list[list[Hypothesis]] = []
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([self.encoder.preprocess(img) for img in images[i:i + batch_size]])
+            feats = self.encoder(x.to(self.device))
+            out.extend(self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
+                                             length_penalty=length_penalty))
+        return out
+
+    def __call__(self, images, n_best: int | None = None, beam_size: int | None = None, max_len: int = 20,
+                 length_penalty: float = 0.0, batch_size: int = 16):
+        """Caption one image or a list of them.
+
+        An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
+        gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
+        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
+        beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
+        3, or to n_best when that is larger. A bad input raises CaptionerError naming it.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if n_best is not None and (isinstance(n_best, bool) or not isinstance(n_best, int) or n_best < 1):
+            raise CaptionerError(f"n_best must be a positive integer, got {n_best!r}")
+        if beam_size is None:
+            beam_size = max(3, n_best or 1)
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise CaptionerError(f"beam_size must be a positive integer, got {beam_size!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise CaptionerError(f"max_len must be a positive integer, got {max_len!r}")
+        decoded = []
+        for i, item in enumerate(items):
+            name = str(item) if isinstance(item, (str, Path)) else ("image" if single else f"images[{i}]")
+            decoded.append(as_image(item, name))
+        hyps = self.caption_pil(decoded, beam_size=beam_size, max_len=max_len, n_best=n_best or 1,
+                                length_penalty=length_penalty, batch_size=batch_size) if decoded else []
+        if n_best is None:
+            results = [self.text(h[0]) for h in hyps]
+        else:
+            results = [[{"caption": self.text(x), "score": float(x.score)} for x in h] for h in hyps]
+        return results[0] if single else results

@@ -1,13 +1,16 @@
-"""`captioner caption IMAGE_OR_DIR ...`: print `path<TAB>caption` per image, or JSON with the n-best."""
+"""`captioner caption IMAGE_OR_DIR ...`: print `path<TAB>caption` per image (`path<TAB>score<TAB>caption`
+for each of the n-best when --n-best is above 1), or JSON with the n-best; --html also writes a gallery."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner
+from captioner.eval.gallery import check_page_path
+from captioner.inference import Captioner, resolve_device
 from captioner.vision.images import find_images
 
 
@@ -20,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.n_best <= args.beam_size:
         raise CaptionerError(f"--n-best must be between 1 and the beam size ({args.beam_size})")
 
-    captioner = Captioner.from_checkpoints(args.checkpoint)
+    if args.html:
+        check_page_path(args.html)
+    captioner = Captioner.from_checkpoints(args.checkpoint, resolve_device(args.device))
     paths, failed = [], 0
     for arg in args.paths:  # a missing path or an empty folder is reported, the others still run
         try:
@@ -29,18 +34,36 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"error: {err}", file=sys.stderr)
     paths = list(dict.fromkeys(paths))  # a file named twice is captioned once
-    results = []
+    results, gallery = [], []
     for path, result in captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
                                                  n_best=args.n_best, length_penalty=args.length_penalty):
         if isinstance(result, CaptionerError):
             failed += 1
             print(f"error: {result}", file=sys.stderr)
-        elif args.json:
+            continue
+        if args.html:
+            gallery.append((path, result))
+        if args.json:
             results.append({"path": str(path), "caption": result.caption,
                             "n_best": [{"caption": captioner.text(h), "score": round(h.score, 4),
                                         "log_prob": round(h.log_prob, 4)} for h in result.hypotheses]})
+        elif args.n_best > 1:
+            for h in result.hypotheses:
+                print(f"{path}\t{h.score:.4f}\t{captioner.text(h)}", flush=True)
         else:
             print(f"{path}\t{result.caption}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
+    if args.html:
+        from captioner.eval.gallery import GalleryItem, write_gallery
+
+        items = [GalleryItem(Path(path), r.caption,
+                             n_best=[(captioner.text(h), h.score) for h in r.hypotheses]) for path, r in gallery]
+        page = write_gallery(Path(args.html), items, title="captions",
+                             subtitle=f"{described(args.checkpoint)}, beam {args.beam_size}:")
+        print(f"gallery: {page}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def described(checkpoints: list[str]) -> str:
+    return ", ".join(map(str, checkpoints)) if checkpoints else "the shipped model"

@@ -4,23 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
-from captioner.data.records import load_records, normalize_split
+from captioner.data.records import SPLITS, load_records, normalize_split
 from captioner.errors import CaptionerError
+from captioner.eval.gallery import check_page_path
 from captioner.eval.metrics import format_table, score_captions
-from captioner.inference import Captioner
+from captioner.inference import Captioner, resolve_device
 from captioner.vision.features import extract_features
+
+log = logging.getLogger("captioner")
+
+
+def pick_split(asked: str | None, present: set[str], data: str) -> str:
+    """The split to score: the one asked for (CaptionerError naming those present if it is absent), or,
+    when none is asked for, test where the data has one, else val (with a note)."""
+    have = [s for s in SPLITS if s in present]
+    if asked is not None:
+        split = normalize_split(asked)
+        if split not in present:
+            raise CaptionerError(f"{data}: no {split} split (the data has: {', '.join(have) or 'no images'})")
+        return split
+    if "test" in present:
+        return "test"
+    if "val" in present:
+        log.info("note: %s has no test split; scoring val (pass --split to choose)", data)
+        return "val"
+    raise CaptionerError(f"{data}: neither a test nor a val split to score (the data has: "
+                         f"{', '.join(have) or 'no images'}); pass --split")
 
 
 def run(args: argparse.Namespace) -> int:
-    split = normalize_split(args.split)
-    captioner = Captioner.from_checkpoints(args.checkpoint)
-    records = load_records(args.data, format=args.format, splits=[split])
-    if not records:
-        raise CaptionerError(f"{args.data}: the {split} split is empty or absent")
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
+    if args.html:
+        check_page_path(args.html)
+    all_records = load_records(args.data, format=args.format)
+    split = pick_split(args.split, {r.split for r in all_records}, str(args.data))
+    records = [r for r in all_records if r.split == split]
+    captioner = Captioner.from_checkpoints(args.checkpoint, resolve_device(args.device))
     records = records[: args.limit or None]
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir))
     records = [r for r in records if r.image in store]
@@ -31,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     references = {k: list(r.captions) for k, r in zip(keys, records)}
     scores = score_captions(references, captions, meteor=not args.no_meteor)
     print(format_table(scores.totals, len(records)))
+    # One checkpoint is named as before; an ensemble lists its members.
+    described = args.checkpoint if len(args.checkpoint) > 1 else str((args.checkpoint or ["shipped"])[0])
     if args.json:
-        # One checkpoint is named as before; an ensemble lists its members.
-        described = args.checkpoint if len(args.checkpoint) > 1 else str((args.checkpoint or ["shipped"])[0])
         out = {
             "checkpoint": described, "data": str(args.data), "split": split,
             "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
@@ -42,4 +65,13 @@ def run(args: argparse.Namespace) -> int:
                            "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
         }
         Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
+    if args.html:
+        from captioner.eval.gallery import GalleryItem, write_gallery
+
+        items = [GalleryItem(r.image, captions[k], references[k], scores.per_image.get(k, {}))
+                 for k, r in zip(keys, records)]
+        page = write_gallery(Path(args.html), items, title=f"{Path(args.data).name} {split}",
+                             totals=scores.totals,
+                             subtitle=f"{described}, beam {args.beam_size}:")
+        log.info("gallery: %s", page)
     return 0

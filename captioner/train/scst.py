@@ -88,7 +88,8 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
     batches = [order[i:i + cfg.scst_batch_size] for i in range(0, len(order), cfg.scst_batch_size)]
     totals = {"loss": 0.0, "tokens": 0, "sample": 0.0, "greedy": 0.0, "n": 0}
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    # disable=None: no bar where stderr is not a terminal
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)
     for idx in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.scst_lr

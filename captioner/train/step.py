@@ -51,7 +51,9 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     model.train()
     autocast, scaler = mixed_precision(device)
     total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
+    # disable=None: no bar where stderr is not a terminal (a log file gets no line per step)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+               disable=None if dist.is_main else True)
     for batch in bar:
         batch: Batch = batch.to(device)
         for group in optimizer.param_groups:

@@ -194,7 +194,9 @@ def _run_encoder(encoder: Encoder, paths: list[str], batch_size: int, num_worker
     device = next(encoder.parameters()).device
     loader = DataLoader(_ImageFiles(paths, encoder.transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(paths), unit="img", desc=f"features ({encoder.spec.name})", disable=not progress)
+    # disable=None: no bar where stderr is not a terminal (a log file gets no line per step)
+    bar = tqdm(total=len(paths), unit="img", desc=f"features ({encoder.spec.name})",
+               disable=None if progress else True)
     encoder.eval()
     with torch.inference_mode(), bar:
         for indices, images, bad in loader:

@@ -6,6 +6,7 @@ odd file on disk becomes either an upright 8-bit RGB image or a one-line Caption
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -30,30 +31,113 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open, fully decode and return `path` as an upright RGB image; CaptionerError on any bad file."""
     path = Path(path)
     _check_is_file(path)
+    return _decode(lambda: Image.open(path), path)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The bytes of an image file (an upload, say) -> an upright RGB image, with the same checks as
+    `load_image` and nothing written to disk; CaptionerError naming `name` on anything bad."""
+    if not data:
+        raise CaptionerError(f"{name}: empty file (0 bytes)")
+    return _decode(lambda: Image.open(io.BytesIO(data)), name, max_pixels)
+
+
+def _decode(opener, name, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         # PIL signals a possible decompression bomb with a warning below 2x its own limit and an error
         # above; turn the warning into an error too so neither slips through as a huge allocation.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with opener() as img:
                 width, height = img.size  # header only: nothing decoded yet
-                if width * height > MAX_PIXELS:
-                    raise CaptionerError(f"{path}: image is {width}x{height} pixels, more than the "
-                                         f"{MAX_PIXELS:,} allowed (possible decompression bomb)")
+                if width * height > max_pixels:
+                    raise CaptionerError(f"{name}: image is {width}x{height} pixels, more than the "
+                                         f"{max_pixels:,} allowed (possible decompression bomb)")
                 img.load()  # decode everything now so truncation surfaces here, not in a later step
                 img = ImageOps.exif_transpose(img)  # returns a decoded copy, independent of the file
     except CaptionerError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CaptionerError(f"{path}: refused as a possible decompression bomb ({_one_line(e)})") from None
+        raise CaptionerError(f"{name}: refused as a possible decompression bomb ({_one_line(e)})") from None
     except PermissionError:
-        raise CaptionerError(f"{path}: permission denied") from None
+        raise CaptionerError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
-        raise CaptionerError(f"{path}: not an image file (PIL cannot identify it)") from None
+        raise CaptionerError(f"{name}: not an image file (PIL cannot identify it)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Truncated JPEG/PNG, bad CRCs, broken EXIF, unsupported compression...
-        raise CaptionerError(f"{path}: corrupt or truncated image ({_one_line(e)})") from None
-    return to_rgb(img, path)
+        raise CaptionerError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
+    return to_rgb(img, name)
+
+
+def thumbnail(path: str | os.PathLike, size: int = 256) -> Image.Image:
+    """A small upright RGB copy of the image file at `path`, at most `size` pixels on its longer side.
+
+    JPEGs are decoded at a reduced scale straight away (PIL's draft mode), so thumbnailing thousands of
+    photos costs a fraction of decoding them whole. CaptionerError on a bad file, as `load_image`.
+    """
+    path = Path(path)
+    _check_is_file(path)
+
+    def opener():
+        img = Image.open(path)
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        return img
+
+    img = _decode(opener, path)
+    img.thumbnail((size, size))
+    return img
+
+
+def as_image(obj, name: str = "image") -> Image.Image:
+    """What a Python caller may hand the captioner -> an RGB PIL image; CaptionerError naming `name`.
+
+    Accepted: a path (str or os.PathLike), a PIL image, an (H, W, 3) / (H, W) uint8 numpy array, or a
+    (3, H, W) tensor (uint8 0..255, or floating point in [0, 1], as torchvision's ToTensor makes it).
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return load_image(obj)
+    if isinstance(obj, Image.Image):
+        try:
+            obj.load()
+        except (OSError, ValueError, EOFError) as e:
+            raise CaptionerError(f"{name}: the PIL image cannot be decoded ({_one_line(e)})") from None
+        return to_rgb(obj, name)
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):
+        return _from_chw_tensor(obj, name)
+    if isinstance(obj, np.ndarray):
+        return _from_hwc_array(obj, name)
+    raise CaptionerError(f"{name}: cannot caption a {type(obj).__name__}; give a path, a PIL image, an "
+                         f"HWC uint8 numpy array or a CHW tensor")
+
+
+def _from_hwc_array(array: np.ndarray, name: str) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise CaptionerError(f"{name}: numpy array of dtype {array.dtype}; expected uint8 (0..255), HWC")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise CaptionerError(f"{name}: numpy array of shape {tuple(array.shape)}; expected (H, W, 3) "
+                             f"RGB, (H, W, 4) RGBA or (H, W) grayscale")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise CaptionerError(f"{name}: numpy array of shape {tuple(array.shape)} holds no pixels")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)), name)
+
+
+def _from_chw_tensor(tensor, name: str) -> Image.Image:
+    shape = tuple(tensor.shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise CaptionerError(f"{name}: tensor of shape {shape}; expected (3, H, W) RGB or (1, H, W) "
+                             f"grayscale (a batch is a list of tensors)")
+    array = tensor.detach().cpu().numpy()
+    if array.dtype != np.uint8:
+        if array.dtype.kind != "f":
+            raise CaptionerError(f"{name}: tensor of dtype {tensor.dtype}; expected uint8 or floating point")
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise CaptionerError(f"{name}: floating-point tensor with values outside [0, 1] (or not finite); "
+                                 f"expected an image as ToTensor makes it, not a normalised one")
+        array = np.rint(array * 255.0).astype(np.uint8)
+    return _from_hwc_array(np.moveaxis(array, 0, -1), name)
 
 
 def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:

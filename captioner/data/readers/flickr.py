@@ -27,6 +27,9 @@ _IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images", "fli
 # File-name endings of the official split files (Flickr_8k.trainImages.txt, ...), with the split they hold.
 _SPLIT_FILES = (("train", "trainImages.txt"), ("val", "devImages.txt"), ("test", "testImages.txt"))
 _KAGGLE_CSV = "captions.txt"
+# Entries of the official token files that name no image: Flickr8k's has five captions for
+# "2258277193_586949ec62.jpg.1", a name that no image file has and no split file lists.
+KNOWN_BAD_ENTRIES = frozenset({"2258277193_586949ec62.jpg.1"})
 
 
 def read_lines(path: Path, strict: bool) -> list[str]:
@@ -134,8 +137,14 @@ def _records(
     """Records for the captioned images that exist on disk. With `split_of` None every image gets
     `hash_split`; otherwise images missing from `split_of` are left out."""
     # Checked over all captioned images, in or out of a split, so a caption naming no file is always
-    # reported (Flickr8k's token file has one, "2258277193_586949ec62.jpg.1", in no split).
-    images = keep_existing({name: image_dir / name for name in captions}, source, f"{image_dir}/", strict)
+    # reported, except the known bad entries of the official files, which are named once as such.
+    named = {name: image_dir / name for name in captions}
+    for name in KNOWN_BAD_ENTRIES:
+        if name in named and not named[name].is_file():
+            del named[name]
+            log.info("%s: skipped %s, a known bad entry of the official file (its captions name no image)",
+                     source, name)
+    images = keep_existing(named, source, f"{image_dir}/", strict)
     records = []
     for name, path in images.items():
         split = hash_split(name) if split_of is None else split_of.get(name)
