@@ -29,14 +29,14 @@ from captioner.config import Config, ModelConfig, model_config_from_dict, valida
 from captioner.data.vocab import Vocabulary
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.ensemble import Ensemble
-from captioner.vision.encoders import spec_with_defaults
+from captioner.vision.encoders import EncoderSpec, spec_with_defaults
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
 
 FORMAT_VERSION = 1
 
-# What every checkpoint holds (model_payload), and what a training checkpoint adds (training.fit).
+# What every checkpoint holds (model_payload), and what a training checkpoint adds (TrainingState).
 MODEL_KEYS = ("model_config", "vocab", "feature_dim", "encoder", "model")
 TRAINING_KEYS = ("config", "optimizer", "epoch", "step", "best", "bad_epochs")
 
@@ -45,8 +45,43 @@ TRAINING_KEYS = ("config", "optimizer", "epoch", "step", "best", "bad_epochs")
 class LoadedModel:
     model: CaptionDecoder
     vocab: Vocabulary
-    encoder: dict[str, Any]  # the EncoderSpec as a dict: name, weights, preprocessing
-    checkpoint: dict[str, Any]  # everything else that was stored (step, metrics, config, ...)
+    encoder: dict[str, Any]  # the EncoderSpec as stored: name, weights, preprocessing (see encoder_spec)
+    checkpoint: dict[str, Any]  # the file's whole dict as stored, for provenance (step, metrics, config, ...)
+    encoder_state: dict[str, torch.Tensor] | None = None  # a fine-tuned encoder's weights, else None
+
+    def encoder_spec(self) -> EncoderSpec:
+        """The stored spec as the dataclass (fields it predates at their defaults)."""
+        return EncoderSpec.from_dict(self.encoder)
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint adds to its model, so that a resumed run ends where an uninterrupted
+    one would."""
+
+    config: dict[str, Any]  # the resolved Config (captioner.config.to_dict)
+    optimizer: dict[str, Any]  # the optimizer's state_dict
+    epoch: int  # epochs finished
+    step: int  # optimisation steps taken
+    best: float | None  # the best value of train.select_metric so far
+    bad_epochs: int  # epochs since it improved
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # this epoch's dev metrics
+
+
+def training_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: EncoderSpec,
+                     state: TrainingState, encoder_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The dict a training checkpoint stores: the model's payload plus the training state."""
+    payload = {**model_payload(model, vocab, encoder_spec), **asdict(state)}
+    if encoder_state is not None:
+        payload["encoder_state"] = encoder_state
+    return payload
+
+
+def read_training(path: str | Path) -> tuple[LoadedModel, TrainingState]:
+    """A training checkpoint's model and its training state (CaptionerError if it has none)."""
+    ckpt = read(path, training=True)
+    names = [f.name for f in dataclasses.fields(TrainingState)]
+    return build_model(ckpt, path), TrainingState(**{k: ckpt[k] for k in names if k in ckpt})
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
@@ -60,7 +95,7 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def model_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: dict[str, Any],
+def model_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: EncoderSpec | dict[str, Any],
                   half: bool = False) -> dict[str, Any]:
     """What any checkpoint needs to rebuild the model; `half` stores float16 weights (shipping)."""
     state = model.state_dict()
@@ -70,7 +105,7 @@ def model_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: dict[s
         "model_config": asdict(model.cfg),
         "vocab": vocab.to_dict(),
         "feature_dim": model.feature_dim,
-        "encoder": dict(encoder_spec),
+        "encoder": encoder_spec.to_dict() if isinstance(encoder_spec, EncoderSpec) else dict(encoder_spec),
         "model": state,
     }
 
@@ -192,7 +227,7 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
     model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     load_state(model, state, path)
-    return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt)
+    return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get("encoder_state"))
 
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -273,8 +308,7 @@ def ensemble_of(loaded: Sequence[LoadedModel], paths: Sequence[str | Path]) -> L
         if other.vocab != first.vocab:
             raise CaptionerError(f"{refuse}: their vocabularies differ "
                                  f"({_vocab_difference(first.vocab, other.vocab)})")
-        tuned = [p for p, m in ((first_path, first), (path, other))
-                 if m.checkpoint.get("encoder_state") is not None]
+        tuned = [p for p, m in ((first_path, first), (path, other)) if m.encoder_state is not None]
         if len(tuned) == 1:
             untuned = path if tuned[0] == first_path else first_path
             raise CaptionerError(f"{refuse}: {tuned[0]} carries fine-tuned encoder weights and {untuned} "
@@ -287,7 +321,8 @@ def ensemble_of(loaded: Sequence[LoadedModel], paths: Sequence[str | Path]) -> L
         if differs:
             raise CaptionerError(f"{refuse}: they were trained on different image features "
                                  f"({'; '.join(differs)})")
-    return LoadedModel(Ensemble([m.model for m in loaded]), first.vocab, first.encoder, first.checkpoint)
+    return LoadedModel(Ensemble([m.model for m in loaded]), first.vocab, first.encoder, first.checkpoint,
+                       first.encoder_state)
 
 
 def _vocab_difference(a: Vocabulary, b: Vocabulary) -> str:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from captioner import checkpoint
-from captioner.vision.encoders import Encoder, build_encoder, spec_with_defaults
+from captioner.vision.encoders import Encoder, build_encoder
 from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
@@ -79,8 +79,7 @@ class Captioner:
     def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device | None = None):
         self.model = loaded.model
         self.vocab = loaded.vocab
-        self.encoder_spec = loaded.encoder
-        self.checkpoint = loaded.checkpoint
+        self.loaded = loaded  # keeps the stored encoder spec and any fine-tuned encoder weights
         self.device = device or torch.device("cpu")
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
@@ -114,19 +113,19 @@ class Captioner:
     def encoder(self) -> Encoder:
         """Built on first use: evaluating from cached features never needs the CNN."""
         if self._encoder is None:
-            # A spec stored before flip_average existed means the plain features (its default).
-            encoder = build_encoder(self.encoder_spec["name"],
-                                    flip_average=spec_with_defaults(self.encoder_spec)["flip_average"])
-            fine_tuned = self.checkpoint.get("encoder_state")
-            if fine_tuned is not None:  # trained with the encoder's last blocks: its own weights, frozen now
-                checkpoint.load_state(encoder, fine_tuned, "checkpoint's encoder_state")
+            try:  # a spec stored before a field existed means that field's default (plain features)
+                stored = self.loaded.encoder_spec()
+            except CaptionerError as err:
+                raise CaptionerError(f"the checkpoint's {err}") from None
+            encoder = build_encoder(stored.name, flip_average=stored.flip_average)
+            if self.loaded.encoder_state is not None:  # trained with the encoder's last blocks: its own weights
+                checkpoint.load_state(encoder, self.loaded.encoder_state, "checkpoint's encoder_state")
                 encoder.freeze()
-                encoder.spec = replace(encoder.spec, weights=self.encoder_spec["weights"])
-            actual = asdict(encoder.spec)
-            differs = [k for k in actual if k in self.encoder_spec and actual[k] != self.encoder_spec[k]]
+                encoder.spec = replace(encoder.spec, weights=stored.weights)
+            differs = encoder.spec.differences(stored)
             if differs:
                 raise CaptionerError(
-                    f"the checkpoint was trained on {self.encoder_spec['name']} features with other "
+                    f"the checkpoint was trained on {stored.name} features with other "
                     f"settings ({', '.join(differs)}) than this install's encoder provides")
             self._encoder = encoder.to(self.device).eval()
         return self._encoder

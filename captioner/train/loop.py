@@ -1,4 +1,4 @@
-"""Teacher-forced training: train_one_epoch, evaluate, and the loop that wires them (fit).
+"""The training loop (fit): phases of epochs, dev evaluation after each, checkpoints, patience, resume.
 
 Resuming is exact because every source of randomness is a pure function of the epoch (the shuffle
 order and the dropout masks are seeded from `seed` and the epoch number), the learning rate is a pure
@@ -20,11 +20,10 @@ from torch.utils.data import DataLoader
 from captioner import checkpoint, distributed
 from captioner.atomic import atomic_write_text
 from captioner.config import Config, from_dict, load_config, to_dict, to_toml, validate
-from captioner.data.dataset import BucketBatchSampler, CaptionDataset, Collate
-from captioner.data.vocab import Vocabulary
+from captioner.data.dataset import CaptionDataset, Collate
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
-from captioner.train import scst, step as train_step
+from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
 from captioner.train.validate import dev_loss, evaluate
@@ -49,17 +48,20 @@ def _is_better(value: float, best: float | None, metric: str) -> bool:
 def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate each epoch, keep best and last checkpoints; returns the final log entry.
 
+    The run is its phases in order (captioner.train.phases: cross-entropy, then self-critical), each asked
+    for one epoch at a time; evaluation, checkpoints, patience and resuming are the same for every phase.
     Under torchrun every process runs this function; rank 0 alone writes the run directory.
     """
     run_dir = Path(run_dir)
     last_path = run_dir / LAST
-    state: dict[str, Any] | None = None
+    resumed: checkpoint.TrainingState | None = None
+    resumed_model = None
     vocab = None
     if resume:
         if last_path.is_file():
-            state = checkpoint.read(last_path, training=True)
-            cfg = validate(from_dict(state["config"]))
-            vocab = Vocabulary.from_dict(state["vocab"])
+            resumed_model, resumed = checkpoint.read_training(last_path)
+            cfg = validate(from_dict(resumed.config))
+            vocab = resumed_model.vocab
         elif (run_dir / "config.toml").is_file():
             # Stopped before its first epoch ended: nothing was trained yet, so start afresh from its config.
             log.info("%s has no %s yet (stopped before its first epoch ended): starting it afresh from its "
@@ -79,12 +81,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     data = prepare_data(cfg, vocab, dist)
-    vocab = data.vocab
-    source = data.features
-
+    vocab, source = data.vocab, data.features
     train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
-    pin = device.type == "cuda"  # page-locked batches, copied with non_blocking=True
-    collate = source.collate(train_set, vocab.pad_id)
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
     eval_refs = [list(r.captions) for r in data.val[:n_eval]]
 
@@ -96,96 +94,86 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         groups.append({"params": [p for p in source.encoder.parameters() if p.requires_grad],
                        "lr_scale": cfg.encoder.fine_tune_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = len(BucketBatchSampler(train_set.lengths, tc.batch_size, torch.Generator(), world=dist.world))
-    total_steps = steps_per_epoch * tc.epochs
-    epoch, step, best, bad_epochs = 0, 0, None, 0
-    if state is not None:
-        checkpoint.load_state(model, state["model"], last_path)
+    epoch, best, bad_epochs = 0, None, 0
+    step = 0
+    if resumed is not None:
+        checkpoint.load_state(model, resumed_model.model.state_dict(), last_path)
         if source.encoder is not None:
-            checkpoint.load_state(source.encoder, state["encoder_state"], last_path)
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step = state["epoch"], state["step"]
-        best, bad_epochs = state["best"], state["bad_epochs"]
+            checkpoint.load_state(source.encoder, resumed_model.encoder_state or {}, last_path)
+        optimizer.load_state_dict(resumed.optimizer)
+        epoch, step, best, bad_epochs = resumed.epoch, resumed.step, resumed.best, resumed.bad_epochs
         log.info("resuming %s at epoch %d (step %d)", run_dir, epoch, step)
     # DDP averages gradients across processes during backward; checkpoints save the unwrapped model.
     trained = EndToEnd(source.encoder, model) if source.encoder is not None else model
     trained = DistributedDataParallel(trained) if dist.active else trained
+    trainer = Trainer(cfg, data, model, trained, groups, optimizer, train_set, device, dist, run_dir / BEST,
+                      step=step, total_epochs=tc.epochs + tc.scst_epochs)
 
     n_params = sum(p.numel() for p in model.parameters())
     if dist.is_main:
         log.info("%s decoder, %s conditioning, %d layer(s), %.1fM parameters; %d captions, %d steps/epoch "
                  "on %s x %d", cfg.model.cell, cfg.model.conditioning, cfg.model.num_layers, n_params / 1e6,
-                 len(train_set), steps_per_epoch, device, dist.world)
+                 len(train_set), trainer.steps_per_epoch(), device, dist.world)
     if tc.scst_epochs and dist.active:
         raise CaptionerError("train.scst_epochs: self-critical training runs in one process; run it without "
                              "torchrun (e.g. --resume the run after its cross-entropy epochs)")
-    reward_data = None
-    total_epochs = tc.epochs + tc.scst_epochs
     entry: dict[str, Any] = {}
     try:
-        while epoch < total_epochs:
-            patience_out = tc.patience > 0 and bad_epochs >= tc.patience
-            if patience_out and epoch < tc.epochs and tc.scst_epochs:
-                log.info("early stop of cross-entropy: %s did not improve for %d epochs; on to self-critical "
-                         "training", tc.select_metric, tc.patience)
-                epoch = tc.epochs
-            elif patience_out:
-                break
-            # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly. Every
-            # process draws the same global batches and takes its own slice of each.
-            torch.manual_seed(tc.seed * 100_003 + epoch + 7919 * dist.rank)
-            shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            t0 = time.perf_counter()
-            extra: dict[str, Any] = {}
-            try:
-                if epoch < tc.epochs:
-                    sampler = BucketBatchSampler(train_set.lengths, tc.batch_size, shuffle, dist.rank, dist.world)
-                    loader = DataLoader(train_set, collate_fn=collate, batch_sampler=sampler, pin_memory=pin)
-                    train_loss, step = train_step.train_one_epoch(trained, loader, optimizer, tc, step, total_steps, device,
-                                                       vocab.pad_id, desc=f"epoch {epoch + 1}/{total_epochs}",
-                                                       dist=dist)
-                    extra = {"phase": "xe", "lr": train_step.lr_at(step - 1, tc, total_steps)}
-                else:
-                    if epoch == tc.epochs:  # self-critical training starts from the best cross-entropy model
-                        if (run_dir / BEST).is_file():
-                            checkpoint.load_state(model, checkpoint.read(run_dir / BEST)["model"], run_dir / BEST)
-                        optimizer = torch.optim.AdamW(groups, lr=tc.scst_lr, weight_decay=tc.weight_decay)
-                        bad_epochs = 0
-                    if reward_data is None:
-                        reward_data = scst.RewardData([r.image for r in data.train], source.rows(data.train),
-                                                      [list(r.captions) for r in data.train])
-                    result = scst.scst_epoch(model, source.store.array, reward_data, vocab, optimizer, tc, step,
-                                             device, shuffle, desc=f"epoch {epoch + 1}/{total_epochs} (scst)")
-                    train_loss, step = result.loss, result.step
-                    extra = {"phase": "scst", "lr": tc.scst_lr, "train_reward": round(result.sample_reward, 6),
-                             "train_greedy_reward": round(result.greedy_reward, 6)}
-            except NonFiniteLoss as err:
-                good = f"{last_path}" if last_path.exists() else "none (no epoch finished)"
-                raise CaptionerError(f"training stopped: {err}; last good checkpoint: {good}") from None
-            train_time = time.perf_counter() - t0
-            epoch += 1
-            val_array, val_rows = source.val_array(data.val, device)
-            val_set = CaptionDataset(data.val, vocab, val_rows, cfg.data.max_len)
-            val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=pin,
-                                    collate_fn=Collate(val_set, val_array, vocab.pad_id))
-            eval_feats = torch.from_numpy(np.asarray(val_array[val_rows[:n_eval]], dtype=np.float32))
-            metrics = {"loss": dev_loss(model, val_loader, device, vocab.pad_id)}
-            metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device, dist=dist))
-            value = metrics[tc.select_metric]
-            improved = _is_better(value, best, tc.select_metric)
-            best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
-            entry = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 6), **extra,
-                     "train_seconds": round(train_time, 2),
-                     **{f"val_{k}": round(v, 6) for k, v in metrics.items()}, "best": improved}
-            if dist.is_main:
-                write_epoch(run_dir, entry, metrics, improved, {
-                    **checkpoint.model_payload(model, vocab, source.spec_dict()), **source.state(),
-                    "config": to_dict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                    "best": best, "bad_epochs": bad_epochs, "metrics": metrics,
-                })
-            dist.barrier()
+        first = 0  # the phase's first epoch
+        for phase, n_epochs in schedule(cfg):
+            end = first + n_epochs
+            while first <= epoch < end:
+                if tc.patience > 0 and bad_epochs >= tc.patience:
+                    if end < trainer.total_epochs:
+                        log.info("early stop of %s: %s did not improve for %d epochs; on to the next phase",
+                                 phase.name, tc.select_metric, tc.patience)
+                        epoch = end
+                    break
+                if epoch == first and first > 0:  # a later phase starts afresh, from the best model so far
+                    phase.begin(trainer)
+                    bad_epochs = 0
+                # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly. Every
+                # process draws the same global batches and takes its own slice of each.
+                torch.manual_seed(tc.seed * 100_003 + epoch + 7919 * dist.rank)
+                shuffle = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+                t0 = time.perf_counter()
+                try:
+                    result = phase.run_epoch(trainer, epoch, shuffle)
+                except NonFiniteLoss as err:
+                    good = f"{last_path}" if last_path.exists() else "none (no epoch finished)"
+                    raise CaptionerError(f"training stopped: {err}; last good checkpoint: {good}") from None
+                train_time = time.perf_counter() - t0
+                epoch += 1
+                metrics = _dev_metrics(trainer, n_eval, eval_refs)
+                value = metrics[tc.select_metric]
+                improved = _is_better(value, best, tc.select_metric)
+                best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
+                entry = {"epoch": epoch, "step": trainer.step, "train_loss": round(result.loss, 6), **result.log,
+                         "train_seconds": round(train_time, 2),
+                         **{f"val_{k}": round(v, 6) for k, v in metrics.items()}, "best": improved}
+                if dist.is_main:
+                    state = checkpoint.TrainingState(to_dict(cfg), trainer.optimizer.state_dict(), epoch,
+                                                     trainer.step, best, bad_epochs, metrics)
+                    write_epoch(run_dir, entry, metrics, improved, checkpoint.training_payload(
+                        model, vocab, source.spec(), state, source.encoder_state()))
+                dist.barrier()
+            first = end
     finally:
         distributed.shutdown(dist)
-    if bad_epochs >= tc.patience > 0 and epoch < total_epochs:
+    if bad_epochs >= tc.patience > 0 and epoch < trainer.total_epochs:
         log.info("early stop: %s did not improve for %d epochs", tc.select_metric, tc.patience)
     return entry
+
+
+def _dev_metrics(trainer: Trainer, n_eval: int, eval_refs: list[list[str]]) -> dict[str, float]:
+    """The dev split's teacher-forced loss and the greedy captions' scores, with the model as it is now."""
+    data, vocab, device = trainer.data, trainer.vocab, trainer.device
+    val_array, val_rows = trainer.source.val_array(data.val, device)
+    val_set = CaptionDataset(data.val, vocab, val_rows, trainer.cfg.data.max_len)
+    val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=device.type == "cuda",
+                            collate_fn=Collate(val_set, val_array, vocab.pad_id))
+    eval_feats = torch.from_numpy(np.asarray(val_array[val_rows[:n_eval]], dtype=np.float32))
+    metrics = {"loss": dev_loss(trainer.model, val_loader, device, vocab.pad_id)}
+    metrics.update(evaluate(trainer.model, eval_feats, eval_refs, vocab, trainer.cfg.train.eval_max_len, device,
+                            dist=trainer.dist))
+    return metrics

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,11 +19,36 @@ from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.errors import CaptionerError
-from captioner.vision.encoders import Encoder, build_encoder
+from captioner.vision.encoders import Encoder, EncoderSpec, build_encoder
 from captioner.vision.features import FeatureStore, extract_features
 from captioner.vision.images import load_image
 
 log = logging.getLogger("captioner")
+
+
+class FeatureSource(Protocol):
+    """Where the image vectors of training come from: what the training loop and its phases ask of it."""
+
+    encoder: Encoder | None  # the encoder whose blocks train with the decoder, or None (frozen, cached)
+    dim: int  # the length of v
+
+    def rows(self, records: list[Record]) -> np.ndarray:
+        """(N,) the records' rows in `train_array()` (or in the image list the collate reads)."""
+
+    def collate(self, dataset: CaptionDataset, pad_id: int) -> Any:
+        """The DataLoader collate that turns a dataset's indices into a Batch."""
+
+    def val_array(self, records: list[Record], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """(array, rows): the val images' vectors as rows of an array, as the encoder is now."""
+
+    def train_array(self) -> np.ndarray:
+        """The vectors that self-critical training samples captions for, indexed by `rows`."""
+
+    def spec(self) -> EncoderSpec:
+        """What defines these features (stored in every checkpoint)."""
+
+    def encoder_state(self) -> dict[str, torch.Tensor] | None:
+        """Weights of a fine-tuned encoder, to store with the decoder's; None when frozen."""
 
 
 @dataclass
@@ -31,7 +56,7 @@ class Prepared:
     train: list[Record]
     val: list[Record]
     vocab: Vocabulary
-    features: CachedFeatures | FineTunedFeatures
+    features: FeatureSource
 
 
 def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist()) -> Prepared:
@@ -81,11 +106,14 @@ class CachedFeatures:
         """(array, rows): the val images' vectors as rows of an array (here: the cache itself)."""
         return self.store.array, self.rows(records)
 
-    def spec_dict(self) -> dict[str, Any]:
-        return asdict(self.store.spec)
+    def train_array(self) -> np.ndarray:
+        return self.store.array
 
-    def state(self) -> dict[str, Any]:
-        return {}
+    def spec(self) -> EncoderSpec:
+        return self.store.spec
+
+    def encoder_state(self) -> None:
+        return None
 
 
 class FineTunedFeatures:
@@ -115,16 +143,20 @@ class FineTunedFeatures:
             vectors.append(self.encoder(images.to(device)).float().cpu().numpy())
         return np.concatenate(vectors), np.arange(len(paths))
 
-    def spec_dict(self) -> dict[str, Any]:
+    def train_array(self) -> np.ndarray:
+        raise CaptionerError("self-critical training needs cached features (a frozen encoder, "
+                             "encoder.fine_tune = 0)")
+
+    def spec(self) -> EncoderSpec:
         """The spec, with `weights` naming these fine-tuned weights: their features never share a cache."""
         digest = hashlib.blake2b(digest_size=8)
         for tensor in self.encoder.state_dict().values():
             digest.update(tensor.detach().cpu().numpy().tobytes())
-        spec = asdict(self.encoder.spec)
-        return {**spec, "weights": f"{spec['weights']}+finetuned-{digest.hexdigest()}"}
+        spec = self.encoder.spec
+        return replace(spec, weights=f"{spec.weights}+finetuned-{digest.hexdigest()}")
 
-    def state(self) -> dict[str, Any]:
-        return {"encoder_state": self.encoder.state_dict()}
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return self.encoder.state_dict()
 
 
 class EndToEnd(torch.nn.Module):

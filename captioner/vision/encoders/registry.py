@@ -40,6 +40,26 @@ class EncoderSpec:
     # describe the same features: see spec_key and spec_with_defaults.
     flip_average: bool = False  # v = mean of f(image) and f(image mirrored left-right)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> EncoderSpec:
+        """The spec as stored (a checkpoint), fields it predates at their defaults; unknown keys refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(stored) - known)
+        if unknown:
+            raise CaptionerError(f"encoder spec has fields this captioner does not know: {', '.join(unknown)}")
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in stored)
+        if missing:
+            raise CaptionerError(f"encoder spec lacks {', '.join(missing)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in spec_with_defaults(stored).items()}
+        return cls(**values)
+
+    def differences(self, other: EncoderSpec) -> list[str]:
+        """The names of the fields where `other` differs."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
 
 def spec_key(spec: EncoderSpec) -> dict[str, Any]:
     """The spec as the dict that keys the feature cache. Fields with a default are left out while at their
