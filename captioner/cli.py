@@ -50,6 +50,9 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
     p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="matrix multiplies in bf16 or fp32; auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU "
+                        "has native bf16, fp32 elsewhere")
 
 
 def _caption(sub) -> None:
