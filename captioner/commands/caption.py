@@ -8,6 +8,7 @@ import sys
 
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
+from captioner.precision import announce, resolve
 from captioner.vision.images import find_images
 
 
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.n_best <= args.beam_size:
         raise CaptionerError(f"--n-best must be between 1 and the beam size ({args.beam_size})")
 
-    captioner = Captioner.from_checkpoints(args.checkpoint)
+    captioner = Captioner.from_checkpoints(args.checkpoint, precision=announce(resolve(args.precision, "cpu")))
     paths, failed = [], 0
     for arg in args.paths:  # a missing path or an empty folder is reported, the others still run
         try:

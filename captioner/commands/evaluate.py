@@ -10,19 +10,22 @@ from captioner.data.records import load_records, normalize_split
 from captioner.errors import CaptionerError
 from captioner.eval.metrics import format_table, score_captions
 from captioner.inference import Captioner
+from captioner.precision import announce, resolve
 from captioner.vision.features import extract_features
 
 
 def run(args: argparse.Namespace) -> int:
     split = normalize_split(args.split)
-    captioner = Captioner.from_checkpoints(args.checkpoint)
+    precision = announce(resolve(args.precision, "cpu"))
+    captioner = Captioner.from_checkpoints(args.checkpoint, precision=precision)
     records = load_records(args.data, format=args.format, splits=[split])
     if not records:
         raise CaptionerError(f"{args.data}: the {split} split is empty or absent")
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
     records = records[: args.limit or None]
-    store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir))
+    store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir),
+                             precision=precision)
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
                                       max_len=args.max_len, length_penalty=args.length_penalty)

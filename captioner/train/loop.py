@@ -24,6 +24,7 @@ from captioner.data.dataset import BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
+from captioner.precision import announce, resolve as resolve_precision
 from captioner.train import scst, step as train_step
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
@@ -75,10 +76,13 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     dist = distributed.init(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    precision = resolve_precision(tc.precision, device)
+    if dist.is_main:
+        announce(precision)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    data = prepare_data(cfg, vocab, dist)
+    data = prepare_data(cfg, vocab, dist, precision)
     vocab = data.vocab
     source = data.features
 
@@ -143,7 +147,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                     loader = DataLoader(train_set, collate_fn=collate, batch_sampler=sampler, pin_memory=pin)
                     train_loss, step = train_step.train_one_epoch(trained, loader, optimizer, tc, step, total_steps, device,
                                                        vocab.pad_id, desc=f"epoch {epoch + 1}/{total_epochs}",
-                                                       dist=dist)
+                                                       dist=dist, precision=precision)
                     extra = {"phase": "xe", "lr": train_step.lr_at(step - 1, tc, total_steps)}
                 else:
                     if epoch == tc.epochs:  # self-critical training starts from the best cross-entropy model
@@ -155,7 +159,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                         reward_data = scst.RewardData([r.image for r in data.train], source.rows(data.train),
                                                       [list(r.captions) for r in data.train])
                     result = scst.scst_epoch(model, source.store.array, reward_data, vocab, optimizer, tc, step,
-                                             device, shuffle, desc=f"epoch {epoch + 1}/{total_epochs} (scst)")
+                                             device, shuffle, desc=f"epoch {epoch + 1}/{total_epochs} (scst)",
+                                             precision=precision)
                     train_loss, step = result.loss, result.step
                     extra = {"phase": "scst", "lr": tc.scst_lr, "train_reward": round(result.sample_reward, 6),
                              "train_greedy_reward": round(result.greedy_reward, 6)}
@@ -169,8 +174,9 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
             val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=pin,
                                     collate_fn=Collate(val_set, val_array, vocab.pad_id))
             eval_feats = torch.from_numpy(np.asarray(val_array[val_rows[:n_eval]], dtype=np.float32))
-            metrics = {"loss": dev_loss(model, val_loader, device, vocab.pad_id)}
-            metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device, dist=dist))
+            metrics = {"loss": dev_loss(model, val_loader, device, vocab.pad_id, precision)}
+            metrics.update(evaluate(model, eval_feats, eval_refs, vocab, tc.eval_max_len, device, dist=dist,
+                                    precision=precision))
             value = metrics[tc.select_metric]
             improved = _is_better(value, best, tc.select_metric)
             best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
