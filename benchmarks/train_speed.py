@@ -26,6 +26,7 @@ from torch import nn
 from captioner.config import ModelConfig
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import resolve
+from timing import gemm_seconds  # benchmarks/timing.py, beside this script
 
 
 def timeit(fn, warmup: int, iters: int) -> float:
@@ -73,10 +74,8 @@ def gemm_bound(B, T, E, H, V, Fd, gates, warmup, iters, dtype=torch.float32) -> 
     recurrent = (B, H, gates * H)  # once per time step
     total = 0.0
     for (m, k, n), repeat in [(s, 1) for s in shapes] + [(recurrent, T)]:
-        a, b, g = (torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype),
-                   torch.randn(m, n, dtype=dtype))
-        t = timeit(lambda: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)), warmup, iters)
-        total += t * repeat
+        # forward (m, k) x (k, n), then the two backward products (m, n) x (n, k) and (k, m) x (m, n)
+        total += repeat * sum(gemm_seconds(*shape, dtype, iters) for shape in [(m, k, n), (m, n, k), (k, m, n)])
     return total
 
 
