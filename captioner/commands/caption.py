@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.n_best <= args.beam_size:
         raise CaptionerError(f"--n-best must be between 1 and the beam size ({args.beam_size})")
 
-    captioner = Captioner.from_checkpoints(args.checkpoint, precision=announce(resolve(args.precision, "cpu")))
+    precision = resolve(args.precision, "cpu")
+    captioner = Captioner.from_checkpoints(args.checkpoint, precision=precision)
+    announce(precision)  # once the model has loaded: a refused checkpoint stays a one-line error
     paths, failed = [], 0
     for arg in args.paths:  # a missing path or an empty folder is reported, the others still run
         try:

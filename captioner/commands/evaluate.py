@@ -16,7 +16,7 @@ from captioner.vision.features import extract_features
 
 def run(args: argparse.Namespace) -> int:
     split = normalize_split(args.split)
-    precision = announce(resolve(args.precision, "cpu"))
+    precision = resolve(args.precision, "cpu")
     captioner = Captioner.from_checkpoints(args.checkpoint, precision=precision)
     records = load_records(args.data, format=args.format, splits=[split])
     if not records:
@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
     records = records[: args.limit or None]
+    announce(precision)  # once the model and the split have loaded: a bad input stays a one-line error
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir),
                              precision=precision)
     records = [r for r in records if r.image in store]
