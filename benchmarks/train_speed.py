@@ -1,13 +1,17 @@
-"""Teacher-forced training throughput (tokens/s) of the decoder, at Flickr8k sizes, in one run:
+"""Teacher-forced training throughput (tokens/s) of the decoder, at Flickr8k sizes, fp32 and bf16 in one run:
 
-1. CaptionDecoder for each cell (fused nn.RNN / nn.LSTM / nn.GRU kernels over whole sequences);
-2. a naive per-step nn.LSTMCell loop of the same sizes (what "fast by construction" avoids);
+1. CaptionDecoder for each cell (fused nn.RNN / nn.LSTM / nn.GRU kernels over whole sequences), the
+   training step as train.py runs it (autocast for bf16, fp32 loss and AdamW state);
+2. a naive per-step nn.LSTMCell loop of the same sizes, fp32 (what "fast by construction" avoids);
 3. the bound set by the matrix multiplies alone: the same GEMMs (forward and both backward products of
-   the input, recurrent, image and output projections) timed with torch.mm.
+   the input, recurrent, image and output projections) timed with torch.mm on tensors of that precision.
+   Each model's "% of bound" is its step time against the bound of its own precision.
 
     python benchmarks/train_speed.py [--batch 128 --length 16 --embed 512 --hidden 512 --vocab 3000]
+                                     [--precisions fp32,bf16] [--iters 5]
 
-Numbers are wall-clock on whatever machine runs it; compare the ratios printed side by side.
+Numbers are wall-clock on whatever machine runs it; compare the ratios printed side by side. bf16 is
+measured even where the CPU emulates it (the log line says so): there it is expected to be slower.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch import nn
 
 from captioner.config import ModelConfig
 from captioner.model.decoder import CaptionDecoder
+from captioner.precision import resolve
+from timing import gemm_seconds  # benchmarks/timing.py, beside this script
 
 
 def timeit(fn, warmup: int, iters: int) -> float:
@@ -53,23 +59,23 @@ class NaiveLSTM(nn.Module):
         return torch.stack(outs, 1)
 
 
-def train_step(model, opt, feats, inputs, targets):
+def train_step(model, opt, feats, inputs, targets, precision=None):
     opt.zero_grad(set_to_none=True)
-    logits = model(feats, inputs)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    with precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False):
+        logits = model(feats, inputs)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     opt.step()
 
 
-def gemm_bound(B, T, E, H, V, Fd, gates, warmup, iters) -> float:
+def gemm_bound(B, T, E, H, V, Fd, gates, warmup, iters, dtype=torch.float32) -> float:
     """Seconds per training step spent in the model's matrix multiplies alone (fwd + 2 bwd products)."""
     shapes = [(B * T, E, gates * H), (B * T, H, V), (B, Fd, E)]  # input, output, image projections
     recurrent = (B, H, gates * H)  # once per time step
     total = 0.0
     for (m, k, n), repeat in [(s, 1) for s in shapes] + [(recurrent, T)]:
-        a, b, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
-        t = timeit(lambda: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)), warmup, iters)
-        total += t * repeat
+        # forward (m, k) x (k, n), then the two backward products (m, n) x (n, k) and (k, m) x (m, n)
+        total += repeat * sum(gemm_seconds(*shape, dtype, iters) for shape in [(m, k, n), (m, n, k), (k, m, n)])
     return total
 
 
@@ -83,6 +89,8 @@ def main() -> None:
     p.add_argument("--features", type=int, default=1280)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--cells", default="rnn,lstm,gru")
     args = p.parse_args()
     B, T, E, H, V, Fd = args.batch, args.length, args.embed, args.hidden, args.vocab, args.features
     torch.manual_seed(0)
@@ -92,25 +100,36 @@ def main() -> None:
     tokens = B * T
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {B}, length {T}, "
           f"embed {E}, hidden {H}, vocab {V}, features {Fd}")
-    print(f"{'model':<34}{'s/step':>10}{'tokens/s':>12}{'vs GEMM bound':>15}")
+    precisions = [resolve(name, "cpu") for name in args.precisions.split(",")]
+    for precision in precisions:
+        print(precision.describe())
+    gates_of = {"rnn": 1, "lstm": 4, "gru": 3}
     rows = []
-    for cell, gates in [("rnn", 1), ("lstm", 4), ("gru", 3)]:
-        model = CaptionDecoder(ModelConfig(cell=cell, embed_dim=E, hidden_dim=H, dropout=0.0), V, Fd)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        t = timeit(lambda: train_step(model, opt, feats, inputs, targets), args.warmup, args.iters)
-        bound = gemm_bound(B, T, E, H, V, Fd, gates, args.warmup, args.iters)
-        rows.append((f"CaptionDecoder {cell} (fused)", t, bound))
-        if cell == "lstm":
-            naive = NaiveLSTM(V, E, H, Fd)
-            opt = torch.optim.Adam(naive.parameters(), lr=1e-4)
-            tn = timeit(lambda: train_step(naive, opt, feats, inputs, targets), args.warmup, args.iters)
-            rows.append(("naive nn.LSTMCell loop", tn, bound))
-            rows.append(("GEMM bound (lstm, torch.mm)", bound, bound))
-    for name, t, bound in rows:
-        print(f"{name:<34}{t:>10.4f}{tokens / t:>12.0f}{bound / t:>14.2f}x")
-    fused = dict((n, t) for n, t, _ in rows)
-    print(f"fused LSTM is {fused['naive nn.LSTMCell loop'] / fused['CaptionDecoder lstm (fused)']:.2f}x "
-          f"the speed of the per-step loop")
+    for precision in precisions:
+        bounds = {}
+        for cell in args.cells.split(","):
+            torch.manual_seed(0)
+            model = CaptionDecoder(ModelConfig(cell=cell, embed_dim=E, hidden_dim=H, dropout=0.0), V, Fd)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            t = timeit(lambda: train_step(model, opt, feats, inputs, targets, precision), args.warmup, args.iters)
+            bounds[cell] = gemm_bound(B, T, E, H, V, Fd, gates_of[cell], args.warmup, args.iters, precision.dtype)
+            rows.append((f"CaptionDecoder {cell} (fused)", precision.name, t, bounds[cell]))
+            if cell == "lstm" and precision.name == "fp32":
+                naive = NaiveLSTM(V, E, H, Fd)
+                opt = torch.optim.Adam(naive.parameters(), lr=1e-4)
+                tn = timeit(lambda: train_step(naive, opt, feats, inputs, targets), args.warmup, args.iters)
+                rows.append(("naive nn.LSTMCell loop", "fp32", tn, bounds[cell]))
+        for cell, bound in bounds.items():
+            rows.append((f"GEMM bound ({cell}, torch.mm)", precision.name, bound, bound))
+    print(f"{'model':<34}{'prec':>6}{'s/step':>10}{'tokens/s':>12}{'% of bound':>12}{'bf16/fp32':>11}")
+    speed = {(n, p): t for n, p, t, _ in rows}
+    for name, prec, t, bound in rows:
+        other = speed.get((name, "fp32"))
+        ratio = f"{other / t:>10.2f}x" if prec == "bf16" and other else ""
+        print(f"{name:<34}{prec:>6}{t:>10.4f}{tokens / t:>12.0f}{100 * bound / t:>11.0f}%{ratio}")
+    if ("naive nn.LSTMCell loop", "fp32") in speed and ("CaptionDecoder lstm (fused)", "fp32") in speed:
+        print(f"fused LSTM is {speed[('naive nn.LSTMCell loop', 'fp32')] / speed[('CaptionDecoder lstm (fused)', 'fp32')]:.2f}x "
+              f"the speed of the per-step loop (fp32)")
 
 
 if __name__ == "__main__":

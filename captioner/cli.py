@@ -64,6 +64,9 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where the model runs (auto: a GPU when there is one)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="matrix multiplies in bf16 or fp32; auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU "
+                        "has native bf16, fp32 elsewhere")
 
 
 def _caption(sub) -> None:

@@ -21,6 +21,7 @@ from captioner.vision.encoders import Encoder, build_encoder
 from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
+from captioner.precision import Precision, resolve
 
 log = logging.getLogger("captioner")
 
@@ -76,38 +77,45 @@ class Captioned:
 
 
 class Captioner:
-    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device | None = None):
+    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device | None = None,
+                 precision: Precision | None = None):
         self.model = loaded.model
         self.vocab = loaded.vocab
         self.loaded = loaded  # keeps the stored encoder spec and any fine-tuned encoder weights
         self.device = device or torch.device("cpu")
+        # The CNN's and the decoder's GEMMs run in this precision; beam scores stay fp32.
+        self.precision = precision or resolve("fp32", self.device)
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
         self.searchable = captioning_policy(self.model, self.vocab)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None) -> Captioner:
-        return cls(checkpoint.load_model(path or default_checkpoint()), device)
+    def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None,
+                        precision: Precision | None = None) -> Captioner:
+        return cls(checkpoint.load_model(path or default_checkpoint()), device, precision)
 
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | Path], device: torch.device | None = None) -> Captioner:
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: torch.device | None = None,
+                         precision: Precision | None = None) -> Captioner:
         """One checkpoint (or none: the shipped model): exactly `from_checkpoint`. Several: an ensemble
         that averages their next-word probabilities; they must share vocabulary and image features."""
         if len(paths) <= 1:
-            return cls.from_checkpoint(paths[0] if paths else None, device)
-        return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in paths], paths), device)
+            return cls.from_checkpoint(paths[0] if paths else None, device, precision)
+        return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in paths], paths), device, precision)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None,
-                        device: str | torch.device = "auto") -> Captioner:
+                        device: str | torch.device = "auto", precision: str = "auto") -> Captioner:
         """The shipped model (None or its name, "flickr8k"), or a checkpoint file from `captioner train`.
 
             cap = Captioner.from_pretrained()
             cap("photo.jpg")                  # -> "a dog runs through the grass"
 
-        device: "auto" (a GPU when there is one), "cpu" or "cuda".
+        device: "auto" (a GPU when there is one), "cpu" or "cuda". precision: "auto" (bf16 where the hardware
+        has native bf16, else fp32), "fp32" or "bf16" (captioner.precision).
         """
-        return cls(checkpoint.load_model(_pretrained_path(name_or_path)), resolve_device(device))
+        where = resolve_device(device)
+        return cls(checkpoint.load_model(_pretrained_path(name_or_path)), where, resolve(precision, where))
 
     @property
     def encoder(self) -> Encoder:
@@ -150,9 +158,10 @@ class Captioner:
         out: list[list[Hypothesis]] = []
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size].to(self.device, torch.float32)
-            out.extend(beam_search(self.searchable, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                   length_penalty=length_penalty, start_id=self.vocab.start_id,
-                                   end_id=self.vocab.end_id))
+            with self.precision.autocast():
+                out.extend(beam_search(self.searchable, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
+                                       length_penalty=length_penalty, start_id=self.vocab.start_id,
+                                       end_id=self.vocab.end_id))
         return out
 
     def text(self, hypothesis: Hypothesis) -> str:
@@ -173,7 +182,8 @@ class Captioner:
                 except CaptionerError as err:
                     results[path] = err
             if tensors:
-                feats = self.encoder(torch.stack(tensors).to(self.device))
+                with self.precision.autocast():
+                    feats = self.encoder(torch.stack(tensors).to(self.device)).float()
                 hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
                                              length_penalty=length_penalty)
                 for path, h in zip(ok, hyps):
@@ -189,7 +199,8 @@ class Captioner:
         out: list[list[Hypothesis]] = []
         for i in range(0, len(images), batch_size):
             x = torch.stack([self.encoder.preprocess(img) for img in images[i:i + batch_size]])
-            feats = self.encoder(x.to(self.device))
+            with self.precision.autocast():
+                feats = self.encoder(x.to(self.device)).float()
             out.extend(self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
                                              length_penalty=length_penalty))
         return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.inference import Captioner, resolve_device
+from captioner.precision import announce, resolve
 from captioner.vision.images import find_images
 
 
@@ -25,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.html:
         check_page_path(args.html)
-    captioner = Captioner.from_checkpoints(args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    precision = resolve(args.precision, device.type)
+    captioner = Captioner.from_checkpoints(args.checkpoint, device, precision=precision)
+    announce(precision)  # once the model has loaded: a refused checkpoint stays a one-line error
     paths, failed = [], 0
     for arg in args.paths:  # a missing path or an empty folder is reported, the others still run
         try:

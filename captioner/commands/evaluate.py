@@ -12,6 +12,7 @@ from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.eval.metrics import format_table, score_captions
 from captioner.inference import Captioner, resolve_device
+from captioner.precision import announce, resolve
 from captioner.vision.features import extract_features
 
 log = logging.getLogger("captioner")
@@ -43,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
     all_records = load_records(args.data, format=args.format)
     split = pick_split(args.split, {r.split for r in all_records}, str(args.data))
     records = [r for r in all_records if r.split == split]
-    captioner = Captioner.from_checkpoints(args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    precision = resolve(args.precision, device.type)
+    captioner = Captioner.from_checkpoints(args.checkpoint, device, precision=precision)
     records = records[: args.limit or None]
-    store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir))
+    announce(precision)  # once the model and the split have loaded: a bad input stays a one-line error
+    store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir),
+                             precision=precision)
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
                                       max_len=args.max_len, length_penalty=args.length_penalty)

@@ -37,9 +37,16 @@ from captioner.config import ModelConfig
 State = tuple[torch.Tensor, ...]
 
 _RNN_TYPES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+# One time step of each cell, as a function of the same weights the fused layer holds.
+_CELL_FNS = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torch.gru_cell}
 
 
 class CaptionDecoder(nn.Module):
+    # How `step` runs one time step: "cell" calls the cell function on the layer's own weights (no copy);
+    # "fused" calls the fused layer with a length-1 sequence. Both compute the same function; the cell
+    # skips the fused kernel's per-call setup (benchmarks/fp32_paths.py measures the two side by side).
+    step_kernel = "cell"
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int, pad_id: int = 0):
         super().__init__()
         self.cfg = cfg
@@ -136,18 +143,34 @@ class CaptionDecoder(nn.Module):
             below = x
             if image_inputs:
                 x = x + image_inputs[i].unsqueeze(1)  # (B, 1, d) broadcast over T: once per caption
-            y, last = layer(x, _to_kernel(hidden[i]))  # (B, T, H)
-            state = _from_kernel(last)
+            y, last = self._run_layer(layer, x, hidden[i])  # (B, T, H)
             if y.shape[1] == 1:
-                # One step: the kernel returns h_t twice (output and final state). Send the state's own
-                # tensor upward, so that one tensor carries both of h_t's paths, up the stack and along
-                # time, and its gradient is dL/dh_t (what analysis.gradient_flow measures).
-                y = (state[0] if isinstance(state, tuple) else state).unsqueeze(1)
+                # One step: h_t is both the output and the new state. Send the state's own tensor upward,
+                # so that one tensor carries both of h_t's paths, up the stack and along time, and its
+                # gradient is dL/dh_t (what analysis.gradient_flow measures).
+                y = (last[0] if isinstance(last, tuple) else last).unsqueeze(1)
             if self.highway is not None and i > 0:
                 y = self.highway[i - 1](below, y)
             x = self.drop(y)
-            new_hidden.append(state)
+            new_hidden.append(last)
         return x, new_hidden
+
+    def _run_layer(self, layer: nn.Module, x: torch.Tensor, hidden) -> tuple:
+        """One layer over x (B, T, d) from `hidden` -> (outputs (B, T, H), final state in the (B, H) layout)."""
+        if x.shape[1] == 1 and self.step_kernel == "cell" or _fused_lstm_unavailable(self.cfg.cell):
+            return self._cell_loop(layer, x, hidden)
+        y, last = layer(x, _to_kernel(hidden))
+        return y, _from_kernel(last)
+
+    def _cell_loop(self, layer: nn.Module, x: torch.Tensor, hidden) -> tuple:
+        """The layer's recurrence one step at a time through the cell function, on the layer's weights."""
+        cell = _CELL_FNS[self.cfg.cell]
+        weights = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
+        outputs = []
+        for t in range(x.shape[1]):
+            hidden = cell(x[:, t], hidden, *weights)
+            outputs.append(hidden[0] if isinstance(hidden, tuple) else hidden)
+        return torch.stack(outputs, dim=1), hidden
 
     # ---- one step at a time, for search -------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> State:
@@ -160,7 +183,8 @@ class CaptionDecoder(nn.Module):
         x = self.drop(self.embed(tokens).unsqueeze(1))  # (B, 1, E)
         x, hidden = self._layers(x, image_inputs, hidden)
         logits = self.out(x.squeeze(1))
-        return torch.log_softmax(logits, dim=-1), self._flatten(hidden, image_inputs)
+        # fp32 log-probabilities even when the GEMMs ran in bf16: beam scores and sampling build on them.
+        return torch.log_softmax(logits.float(), dim=-1), self._flatten(hidden, image_inputs)
 
     def _flatten(self, hidden: list, image_inputs: list[torch.Tensor]) -> State:
         if self.cfg.cell == "lstm":
@@ -205,6 +229,17 @@ class Highway(nn.Module):
 def detach_hidden(hidden: list) -> list:
     """Cut the graph between truncated-BPTT chunks: the state flows forward, its gradient does not."""
     return [tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach() for h in hidden]
+
+
+def _fused_lstm_unavailable(cell: str) -> bool:
+    """True under CPU bf16 autocast on a CPU whose oneDNN has no bf16 LSTM primitive (no native bf16):
+    the fused nn.LSTM then fails to build its kernel, so the layer runs through the cell function."""
+    return (cell == "lstm" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _onednn_bf16())
+
+
+def _onednn_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _from_kernel(last):

@@ -183,7 +183,7 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_len: int 
         if t < min_len:
             log_probs[:, end_id] = neg_inf
         cand = (live_logp.view(b * K, 1) + log_probs).view(b, K * V)  # (b, K*V) summed log-probs
-        top_logp, top_idx = cand.topk(2 * K, dim=1)  # (b, 2K), best first
+        top_logp, top_idx = top_first(cand, 2 * K)  # (b, 2K), best first; ties: lowest index first
         top_beam, top_word = top_idx // V, top_idx % V  # which beam each candidate extends, with which word
         is_end = top_word == end_id  # (b, 2K)
 
@@ -233,6 +233,27 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_len: int 
                                    log_prob=float(fin_logp[i, k])))
         results.append(hyps)
     return results
+
+
+def top_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values.topk(k, dim=1), with equal values ranked by index, lowest first, as argmax picks them.
+
+    topk leaves the order of ties unspecified. Ties are rare in fp32 but common once the logits come out
+    of a bf16 GEMM (8 bits of mantissa), and beam 1 must pick the word greedy's argmax picks. The top k
+    are sorted by (value descending, index ascending); rows where values equal to the k-th spill past the
+    top k get the exact answer from a stable sort of the whole row.
+    """
+    top, idx = values.topk(k, dim=1)
+    spill = (values >= top[:, -1:]).sum(dim=1) > k  # (b,) a tie straddles the k-th place
+    by_index = idx.sort(dim=1).indices
+    top, idx = top.gather(1, by_index), idx.gather(1, by_index)
+    order = top.sort(dim=1, descending=True, stable=True).indices
+    top, idx = top.gather(1, order), idx.gather(1, order)
+    if spill.any():
+        rows = spill.nonzero().squeeze(1)
+        full_top, full_idx = values[rows].sort(dim=1, descending=True, stable=True)
+        top[rows], idx[rows] = full_top[:, :k], full_idx[:, :k]
+    return top, idx
 
 
 def _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive, score, logp, length, words) -> None:

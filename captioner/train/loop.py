@@ -23,6 +23,7 @@ from captioner.config import Config, from_dict, load_config, to_dict, to_toml, v
 from captioner.data.dataset import CaptionDataset, Collate
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
+from captioner.precision import announce, resolve as resolve_precision
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
@@ -77,10 +78,13 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     dist = distributed.init(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    precision = resolve_precision(tc.precision, device)
+    if dist.is_main:
+        announce(precision)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    data = prepare_data(cfg, vocab, dist)
+    data = prepare_data(cfg, vocab, dist, precision)
     vocab, source = data.vocab, data.features
     train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
@@ -107,7 +111,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     trained = EndToEnd(source.encoder, model) if source.encoder is not None else model
     trained = DistributedDataParallel(trained) if dist.active else trained
     trainer = Trainer(cfg, data, model, trained, groups, optimizer, train_set, device, dist, run_dir / BEST,
-                      step=step, total_epochs=tc.epochs + tc.scst_epochs)
+                      precision, step=step, total_epochs=tc.epochs + tc.scst_epochs)
 
     n_params = sum(p.numel() for p in model.parameters())
     if dist.is_main:
@@ -173,7 +177,7 @@ def _dev_metrics(trainer: Trainer, n_eval: int, eval_refs: list[list[str]]) -> d
     val_loader = DataLoader(val_set, batch_size=512, shuffle=False, pin_memory=device.type == "cuda",
                             collate_fn=Collate(val_set, val_array, vocab.pad_id))
     eval_feats = torch.from_numpy(np.asarray(val_array[val_rows[:n_eval]], dtype=np.float32))
-    metrics = {"loss": dev_loss(trainer.model, val_loader, device, vocab.pad_id)}
+    metrics = {"loss": dev_loss(trainer.model, val_loader, device, vocab.pad_id, trainer.precision)}
     metrics.update(evaluate(trainer.model, eval_feats, eval_refs, vocab, trainer.cfg.train.eval_max_len, device,
-                            dist=trainer.dist))
+                            dist=trainer.dist, precision=trainer.precision))
     return metrics

@@ -21,6 +21,7 @@ from captioner.data.dataset import BucketBatchSampler, CaptionDataset
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.model.decoder import CaptionDecoder
+from captioner.precision import Precision
 from captioner.train import scst, step as train_step
 from captioner.train.sources import FeatureSource, Prepared
 
@@ -39,6 +40,7 @@ class Trainer:
     device: torch.device
     dist: Dist
     best_path: Path  # the run's best checkpoint, where SCST starts from
+    precision: Precision  # bf16 or fp32 matrix multiplies (captioner.precision)
     step: int = 0
     total_epochs: int = 0
     _reward_data: scst.RewardData | None = field(default=None, repr=False)
@@ -89,7 +91,8 @@ class XEPhase:
                             collate_fn=trainer.source.collate(trainer.train_set, trainer.vocab.pad_id))
         loss, trainer.step = train_step.train_one_epoch(
             trainer.trained, loader, trainer.optimizer, tc, trainer.step, total_steps, trainer.device,
-            trainer.vocab.pad_id, desc=f"epoch {epoch + 1}/{trainer.total_epochs}", dist=dist)
+            trainer.vocab.pad_id, desc=f"epoch {epoch + 1}/{trainer.total_epochs}", dist=dist,
+            precision=trainer.precision)
         return EpochResult(loss, {"phase": self.name, "lr": train_step.lr_at(trainer.step - 1, tc, total_steps)})
 
 
@@ -112,7 +115,8 @@ class ScstPhase:
                                                    [list(r.captions) for r in train])
         result = scst.scst_epoch(trainer.model, trainer.source.train_array(), trainer._reward_data, trainer.vocab,
                                  trainer.optimizer, tc, trainer.step, trainer.device, shuffle,
-                                 desc=f"epoch {epoch + 1}/{trainer.total_epochs} (scst)")
+                                 desc=f"epoch {epoch + 1}/{trainer.total_epochs} (scst)",
+                                 precision=trainer.precision)
         trainer.step = result.step
         return EpochResult(result.loss, {"phase": self.name, "lr": tc.scst_lr,
                                          "train_reward": round(result.sample_reward, 6),

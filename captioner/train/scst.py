@@ -32,6 +32,7 @@ from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
 from captioner.model.search import captioning_policy, greedy, sample
+from captioner.precision import FP32, Precision
 
 log = logging.getLogger("captioner")
 
@@ -79,8 +80,12 @@ def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end
 
 def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, vocab: Vocabulary,
                optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, device: torch.device,
-               generator: torch.Generator, desc: str = "scst") -> ScstResult:
-    """One pass over the training images in shuffled batches of cfg.scst_batch_size images."""
+               generator: torch.Generator, desc: str = "scst", precision: Precision = FP32) -> ScstResult:
+    """One pass over the training images in shuffled batches of cfg.scst_batch_size images.
+
+    Sampling, the greedy baseline and the policy-gradient forward pass run their GEMMs in `precision`;
+    the log-softmax, the rewards, the advantages and the loss are fp32.
+    """
     K, max_len = cfg.scst_samples, cfg.eval_max_len
     policy = captioning_policy(model, vocab)
     suppressed = policy.word_ids
@@ -97,7 +102,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         repeated = feats.repeat_interleave(K, dim=0)  # (B*K, F): image i's samples are rows iK..iK+K-1
         keys = np.repeat(idx, K)
         model.eval()  # dropout off: sample, baseline and gradient all belong to the test-time policy
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast():
             drawn = sample(policy, repeated, max_len=max_len, generator=generator,
                            start_id=vocab.start_id, end_id=vocab.end_id)
             rewards = torch.tensor(data.cider.scores(keys, [vocab.decode(c).split() for c in drawn]))
@@ -115,9 +120,11 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         inputs, targets = inputs.to(device), targets.to(device)
         mask = targets != vocab.pad_id
         optimizer.zero_grad(set_to_none=True)
-        logits = model(repeated, inputs, mask)  # (N, V), N real tokens, row-major over (B*K, T)
+        with precision.autocast():
+            logits = model(repeated, inputs, mask)  # (N, V), N real tokens, row-major over (B*K, T)
+        logits = logits.float()
         logits[:, suppressed.to(device)] = float("-inf")
-        token_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[mask][:, None]).squeeze(1)
+        token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[mask][:, None]).squeeze(1)
         token_adv = advantage[:, None].expand_as(mask)[mask]
         n = int(mask.sum())
         loss = -(token_adv * token_logp).sum() / n

@@ -19,6 +19,7 @@ from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.errors import CaptionerError
+from captioner.precision import FP32, Precision
 from captioner.vision.encoders import Encoder, EncoderSpec, build_encoder
 from captioner.vision.features import FeatureStore, extract_features
 from captioner.vision.images import load_image
@@ -59,8 +60,10 @@ class Prepared:
     features: FeatureSource
 
 
-def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist()) -> Prepared:
-    """Read the dataset, build (or reuse) the vocabulary, and make sure every image has a cached v."""
+def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist(),
+                 precision: Precision = FP32) -> Prepared:
+    """Read the dataset, build (or reuse) the vocabulary, and make sure every image has a cached v
+    (extracted in `precision`, and cached apart from features of another precision)."""
     if not cfg.data.root:
         raise CaptionerError("no dataset given: pass --data ROOT (or set data.root in the config)")
     records = load_records(cfg.data.root, format=cfg.data.format, strict=cfg.data.strict)
@@ -81,7 +84,7 @@ def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist
                                                              [r.image for r in train + val], cfg.encoder))
     paths = [r.image for r in train + val]
     store = extract_features(encoder, paths, Path(cfg.data.cache_dir), batch_size=cfg.encoder.batch_size,
-                             num_workers=cfg.encoder.num_workers, dist=dist)
+                             num_workers=cfg.encoder.num_workers, dist=dist, precision=precision)
     train = [r for r in train if r.image in store]
     val = [r for r in val if r.image in store]
     return Prepared(train, val, vocab, CachedFeatures(store))

@@ -20,6 +20,7 @@ from captioner.data.dataset import Batch
 from captioner.distributed import Dist
 from captioner.errors import NonFiniteLoss
 from captioner.model.decoder import detach_hidden
+from captioner.precision import Precision, resolve
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -41,15 +42,18 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig, step: int, total_steps: int, device: torch.device,
-                    pad_id: int, desc: str = "train", dist: Dist = Dist()) -> tuple[float, int]:
+                    pad_id: int, desc: str = "train", dist: Dist = Dist(),
+                    precision: Precision | None = None) -> tuple[float, int]:
     """One pass over the loader. Returns (mean loss per token, global step after the epoch).
 
     `model` may be wrapped in DistributedDataParallel; each process then sees its share of every global
     batch (BucketBatchSampler's rank slice), and the loss is scaled so that the averaged gradients equal
     those of one process running the whole global batch.
+
+    `precision` (default: cfg.precision resolved for the device) sets the GEMMs' number format.
     """
     model.train()
-    autocast, scaler = mixed_precision(device)
+    autocast, scaler = mixed_precision(precision or resolve(cfg.precision, device))
     total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
     # disable=None: no bar where stderr is not a terminal (a log file gets no line per step)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
@@ -78,17 +82,17 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     return dist.sum(total_loss) / max(1, dist.sum(total_tokens)), step
 
 
-def mixed_precision(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
-    """(autocast context factory, grad scaler) for the device, so the loop itself has no branches.
+def mixed_precision(precision: Precision | torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """(autocast context factory, grad scaler) for a precision, so the loop itself has no branches.
 
-    CUDA: bf16 autocast where the GPU supports it (no scaler needed), else fp16 with a GradScaler.
-    CPU: nothing, and a disabled scaler whose calls are no-ops.
+    A device instead of a precision means "auto" on it (see captioner.precision.resolve): on CUDA bf16
+    autocast where the GPU supports it, else fp16 with a GradScaler; on the CPU bf16 where it is native.
+    bf16 and fp32 get a disabled scaler whose calls are no-ops. Parameters, gradients and the optimizer
+    state stay fp32; the loss is computed from fp32 logits.
     """
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler(
-            "cuda", enabled=dtype == torch.float16)
-    return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
+    if not isinstance(precision, Precision):
+        precision = resolve("auto", precision)
+    return precision.autocast, precision.grad_scaler()
 
 
 def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoothing: float = 0.0,

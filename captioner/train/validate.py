@@ -10,16 +10,19 @@ from captioner.distributed import Dist
 from captioner.eval.metrics import score_captions
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.search import captioning_policy, greedy
+from captioner.precision import FP32, Precision
 from captioner.train.step import caption_loss
 
 
 @torch.no_grad()
-def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pad_id: int) -> float:
+def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pad_id: int,
+             precision: Precision = FP32) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for batch in loader:
         batch = batch.to(device)
-        logits = model(batch.features, batch.inputs)
+        with precision.autocast():
+            logits = model(batch.features, batch.inputs).float()
         n = batch.num_tokens
         total += float(caption_loss(logits, batch.targets, pad_id)) * n
         tokens += n
@@ -28,7 +31,8 @@ def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pa
 
 @torch.no_grad()
 def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[list[str]], vocab: Vocabulary,
-             max_len: int, device: torch.device, batch_size: int = 500, dist: Dist = Dist()) -> dict[str, float]:
+             max_len: int, device: torch.device, batch_size: int = 500, dist: Dist = Dist(),
+             precision: Precision = FP32) -> dict[str, float]:
     """Greedy-decode every image and score the captions against all references (BLEU, ROUGE-L, CIDEr).
 
     Under torchrun each process decodes every world-th image; the captions are gathered and rank 0's
@@ -39,8 +43,9 @@ def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[lis
     mine = torch.arange(dist.rank, len(features), dist.world)
     hyps: list[str] = []
     for i in range(0, len(mine), batch_size):
-        ids = greedy(searchable, features[mine[i:i + batch_size]].to(device), max_len=max_len,
-                     start_id=vocab.start_id, end_id=vocab.end_id)
+        with precision.autocast():
+            ids = greedy(searchable, features[mine[i:i + batch_size]].to(device), max_len=max_len,
+                         start_id=vocab.start_id, end_id=vocab.end_id)
         hyps.extend(vocab.decode(seq) for seq in ids)
     gathered = dist.gather(hyps)
     totals = None

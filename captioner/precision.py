@@ -1,0 +1,132 @@
+"""Which number format the matrix multiplies run in: fp32, or bf16 autocast where the hardware has it.
+
+    precision = resolve("auto", device)          # a Precision: .name, .reason, .autocast()
+    with precision.autocast():
+        logits = model(features, inputs)          # GEMMs and convolutions in bf16
+    loss = F.cross_entropy(logits.float(), ...)   # the loss, and everything after it, in fp32
+
+bf16 autocast lowers only the matrix multiplies and convolutions (PyTorch's autocast op list): parameters
+stay fp32 (the master weights the optimizer updates, with fp32 state), gradients reach them in fp32, and
+every caller turns logits back to fp32 before the log-softmax, the loss, beam scores, sampling
+probabilities and rewards.
+
+`auto` chooses bf16 only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere bf16 is
+emulated and several times *slower* than fp32, so `auto` never picks it there; asking for `bf16`
+explicitly still works (with a warning), which the tests use to check the bf16 numerics on any machine.
+On CUDA `auto` is bf16 where the GPU supports it, else fp16 with a gradient scaler, as before.
+
+This module holds no state: `resolve` returns a frozen value that callers pass down explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger("captioner")
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# /proc/cpuinfo flags meaning the CPU has bf16 matrix instructions (not emulation on fp32 units).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str          # "fp32", "bf16", or "fp16" (CUDA without bf16 only)
+    device_type: str   # "cpu" or "cuda"
+    reason: str = ""   # why it was chosen, for the log line
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+    @property
+    def reduced(self) -> bool:
+        return self.name != "fp32"
+
+    def autocast(self):
+        """A fresh context manager: autocast to this precision, or nothing for fp32."""
+        if not self.reduced:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling; bf16 has fp32's exponent range and fp32 needs nothing (disabled no-op)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+    def describe(self) -> str:
+        return f"precision {self.name} on {self.device_type}: {self.reason}"
+
+
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where there is no /proc/cpuinfo)."""
+    return _read_flags(str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_flags(path: str) -> frozenset[str]:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 | ARM
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> tuple[bool, str]:
+    """(does this CPU multiply bf16 natively?, the evidence) from the CPU flags (read when not given)."""
+    flags = cpu_flags() if flags is None else flags
+    found = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"the CPU has native bf16 ({', '.join(found)})"
+    if flags:
+        return False, "the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so bf16 would be emulated"
+    return False, "the CPU's bf16 support could not be read (no /proc/cpuinfo flags)"
+
+
+def resolve(name: str, device: torch.device | str = "cpu", flags: frozenset[str] | None = None) -> Precision:
+    """The precision `name` ("auto" | "fp32" | "bf16") means on `device`; `flags` fakes the CPU flags."""
+    if name not in PRECISIONS:
+        raise CaptionerError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if name == "fp32":
+            return Precision("fp32", kind, "asked for")
+        if name == "bf16":
+            if not supported:
+                raise CaptionerError("precision bf16 was asked for, but this GPU does not support bf16")
+            return Precision("bf16", kind, "asked for")
+        if supported:
+            return Precision("bf16", kind, "auto: the GPU supports bf16")
+        return Precision("fp16", kind, "auto: the GPU has no bf16; fp16 with a gradient scaler")
+    if kind != "cpu":
+        return Precision("fp32", kind, f"auto: no reduced precision on {kind}")
+    native, evidence = native_bf16(flags)
+    if name == "fp32":
+        return Precision("fp32", kind, "asked for")
+    if name == "bf16":
+        if native:
+            return Precision("bf16", kind, f"asked for; {evidence}")
+        return Precision("bf16", kind, f"asked for, although {evidence}: expect it to be slower than fp32")
+    return Precision("bf16" if native else "fp32", kind, f"auto: {evidence}")
+
+
+def announce(precision: Precision) -> Precision:
+    """Log the one line saying which precision runs and why (a warning for emulated bf16); returns it."""
+    slow = precision.name == "bf16" and "slower" in precision.reason
+    log.log(logging.WARNING if slow else logging.INFO, "%s", precision.describe())
+    return precision
+
+
+FP32 = Precision("fp32", "cpu", "default")
