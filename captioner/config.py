@@ -250,13 +250,10 @@ def _read_layers(path: Path, seen: list[Path]) -> dict[str, Any]:
 
 
 def configs_folder() -> Path:
-    """The configs shipped with the package (the top-level configs/ folder, installed as captioner.configs)."""
-    from importlib import resources
-
-    try:
-        return Path(str(resources.files("captioner.configs")))
-    except ModuleNotFoundError:  # running from a checkout or an editable install: the folder itself
-        return Path(__file__).resolve().parent.parent / "configs"
+    """The configs shipped with the package: the top-level configs/ folder, which an install places at
+    captioner/configs (pyproject.toml maps it in); a checkout or editable install reads the folder itself."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 def available_configs() -> list[str]:

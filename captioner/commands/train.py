@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from captioner.config import config_name, load_config
@@ -18,6 +19,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     overrides = list(args.set) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
+    # The run directory stores absolute paths, so `--resume` works from any folder.
+    data = cfg.data
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        data, root=str(Path(data.root).resolve()) if data.root else "", cache_dir=str(Path(data.cache_dir).resolve())))
     run_dir = Path(args.run_dir or Path("runs") / (config_name(args.config) if args.config else "default"))
     fit(cfg, run_dir)
     return 0
