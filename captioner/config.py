@@ -20,6 +20,7 @@ CELLS = ("rnn", "lstm", "gru")
 CONDITIONING = ("inject", "init", "both")
 SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
 DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco")
+POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.POOLINGS (config imports no torch)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EncoderConfig:
     fine_tune: int = 0  # train the encoder's last N blocks too (images go through the CNN; no cache)
     fine_tune_lr_scale: float = 0.1  # the encoder's learning rate as a fraction of train.lr
     flip_average: bool = False  # v = mean of f(image) and f(mirrored image); cached apart from plain v
+    pooling: str = "mean"  # the last grid -> v: mean | max | meanmax (both concatenated); cached apart
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ def validate(cfg: Config) -> Config:
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),
+        (cfg.encoder.pooling in POOLINGS,
+         f"encoder.pooling must be one of {', '.join(POOLINGS)}, got {cfg.encoder.pooling!r}"),
         (cfg.encoder.batch_size > 0, f"encoder.batch_size must be positive, got {cfg.encoder.batch_size}"),
         (cfg.encoder.num_workers >= 0, f"encoder.num_workers must be 0 or more, got {cfg.encoder.num_workers}"),
         (math.isfinite(t.lr), f"train.lr must be finite, got {t.lr}"),

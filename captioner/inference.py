@@ -70,9 +70,10 @@ class Captioner:
     def encoder(self) -> Encoder:
         """Built on first use: evaluating from cached features never needs the CNN."""
         if self._encoder is None:
-            # A spec stored before flip_average existed means the plain features (its default).
-            encoder = build_encoder(self.encoder_spec["name"],
-                                    flip_average=spec_with_defaults(self.encoder_spec)["flip_average"])
+            # A spec stored before flip_average or pooling existed means the plain features (the defaults).
+            stored = spec_with_defaults(self.encoder_spec)
+            encoder = build_encoder(self.encoder_spec["name"], flip_average=stored["flip_average"],
+                                    pooling=stored["pooling"])
             fine_tuned = self.checkpoint.get("encoder_state")
             if fine_tuned is not None:  # trained with the encoder's last blocks: its own weights, frozen now
                 checkpoint.load_state(encoder, fine_tuned, "checkpoint's encoder_state")
