@@ -50,6 +50,11 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
     p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="no n-gram of N words twice in a caption, as Hugging Face's no_repeat_ngram_size "
+                        "(0: off; 2 stops \"red red\")")
+    p.add_argument("--end-guard", action="store_true",
+                   help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
 
 
 def _caption(sub) -> None:
