@@ -81,6 +81,11 @@ class TrainConfig:
     scst_samples: int = 5  # captions sampled per image
     scst_baseline: str = "greedy"  # greedy: the greedy caption's reward (Rennie et al.) | mean: other samples'
     scst_batch_size: int = 50  # images per SCST step
+    # Fixes for SCST's bad endings ("... playing with a blue"); the defaults leave the reward and loss as above.
+    scst_reward_end: bool = False  # CIDEr-D counts <end> as a word, so "grass <end>" earns and "a <end>" not
+    scst_end_weight: float = 1.0  # weight of the <end> token's term in the policy-gradient loss
+    scst_bad_ending_penalty: float = 0.0  # subtracted from the reward of a caption that ends badly
+    scst_repeat_penalty: float = 0.0  # subtracted from the reward of a caption with a word twice in a row
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
@@ -121,6 +126,11 @@ def validate(cfg: Config) -> Config:
         (t.scst_baseline in ("greedy", "mean"), f"train.scst_baseline must be greedy or mean, got {t.scst_baseline!r}"),
         (t.scst_baseline != "mean" or t.scst_samples >= 2, "train.scst_baseline = \"mean\" needs scst_samples >= 2"),
         (t.scst_batch_size > 0, f"train.scst_batch_size must be positive, got {t.scst_batch_size}"),
+        (0.0 <= t.scst_end_weight < math.inf, f"train.scst_end_weight must be 0 or more, got {t.scst_end_weight}"),
+        (0.0 <= t.scst_bad_ending_penalty < math.inf,
+         f"train.scst_bad_ending_penalty must be 0 (off) or more, got {t.scst_bad_ending_penalty}"),
+        (0.0 <= t.scst_repeat_penalty < math.inf,
+         f"train.scst_repeat_penalty must be 0 (off) or more, got {t.scst_repeat_penalty}"),
         (t.scst_epochs == 0 or cfg.encoder.fine_tune == 0,
          "train.scst_epochs needs a frozen encoder (encoder.fine_tune = 0): SCST trains the decoder on cached features"),
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
