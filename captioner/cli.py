@@ -53,6 +53,8 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                    help="no n-gram of N words twice in a caption, as Hugging Face's no_repeat_ngram_size "
                         "(0: off; 2 stops \"red red\")")
+    p.add_argument("--no-repeat-word", action="store_true",
+                   help="never the same word twice in a row (\"is is\"), which --no-repeat-ngram 2 lets through once")
     p.add_argument("--end-guard", action="store_true",
                    help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
 

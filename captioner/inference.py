@@ -21,7 +21,7 @@ from captioner.vision.encoders import Encoder, build_encoder, spec_with_defaults
 from captioner.errors import CaptionerError
 from captioner.vision.images import load_image
 from captioner.eval import fluency
-from captioner.model.constraints import EndGuard, NoRepeatNgram
+from captioner.model.constraints import EndGuard, NoRepeatNgram, NoRepeatWord
 from captioner.model.search import Hypothesis, SuppressWords, beam_search
 
 log = logging.getLogger("captioner")
@@ -90,13 +90,15 @@ class Captioner:
             self._encoder = encoder.to(self.device).eval()
         return self._encoder
 
-    def constrained(self, no_repeat_ngram: int = 0, end_guard: bool = False):
+    def constrained(self, no_repeat_ngram: int = 0, end_guard: bool = False, no_repeat_word: bool = False):
         """The searchable decoder with the decode-time constraints of captioner.model.constraints."""
         if no_repeat_ngram < 0:
             raise CaptionerError(f"no-repeat n-gram size must be 0 (off) or positive, got {no_repeat_ngram}")
         model = self.searchable
         if no_repeat_ngram:
             model = NoRepeatNgram(model, no_repeat_ngram)
+        if no_repeat_word:
+            model = NoRepeatWord(model)
         if end_guard:
             ids = lambda words: [self.vocab.ids[w] for w in words if w in self.vocab]  # noqa: E731
             model = EndGuard(model, self.vocab.end_id, ids(fluency.CLOSED_CLASS), ids(fluency.ADJECTIVES),
@@ -106,14 +108,16 @@ class Captioner:
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                          n_best: int = 1, batch_size: int = 100, length_penalty: float = 0.0,
-                         no_repeat_ngram: int = 0, end_guard: bool = False) -> list[list[Hypothesis]]:
+                         no_repeat_ngram: int = 0, end_guard: bool = False,
+                         no_repeat_word: bool = False) -> list[list[Hypothesis]]:
         """features (N, F) image vectors -> the n-best hypotheses for each image.
 
         length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
         no_repeat_ngram: no n-gram of this size twice in a caption (0: off). end_guard: no caption ends on
-        a determiner, preposition, conjunction or dangling adjective (see captioner.model.constraints).
+        a determiner, preposition, conjunction or dangling adjective. no_repeat_word: no word twice in a
+        row. See captioner.model.constraints.
         """
-        searchable = self.constrained(no_repeat_ngram, end_guard)
+        searchable = self.constrained(no_repeat_ngram, end_guard, no_repeat_word)
         if length_penalty < 0:
             raise CaptionerError(f"length penalty must be 0 (off) or positive, got {length_penalty}")
         if beam_size < 1:
@@ -137,7 +141,7 @@ class Captioner:
     @torch.no_grad()
     def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
                        batch_size: int = 16, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                       end_guard: bool = False):
+                       end_guard: bool = False, no_repeat_word: bool = False):
         """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
         in the order given; one bad file never stops the others."""
         for i in range(0, len(paths), batch_size):
@@ -153,7 +157,7 @@ class Captioner:
                 feats = self.encoder(torch.stack(tensors).to(self.device))
                 hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
                                              length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
-                                             end_guard=end_guard)
+                                             end_guard=end_guard, no_repeat_word=no_repeat_word)
                 for path, h in zip(ok, hyps):
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     for path, result in captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
                                                  n_best=args.n_best, length_penalty=args.length_penalty,
                                                  no_repeat_ngram=args.no_repeat_ngram,
-                                                 end_guard=args.end_guard):
+                                                 end_guard=args.end_guard,
+                                                 no_repeat_word=args.no_repeat_word):
         if isinstance(result, CaptionerError):
             failed += 1
             print(f"error: {result}", file=sys.stderr)

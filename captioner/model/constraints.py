@@ -10,6 +10,9 @@ in and masks the next-word log-probabilities, `select_state` reorders it with th
   `no_repeat_ngram_size` defines it: after the words w_1..w_t (the <start> token counts as w_0), every
   word that would complete an n-gram already present is masked. n = 1 forbids any word twice; n = 2 stops
   "red red" and "is is"; n = 3 still lets "a man ... a man" through once.
+- NoRepeatWord: no word twice in a row ("is is", "red red"). NoRepeatNgram(2) lets one such pair through
+  (it blocks the second occurrence of the bigram, "red red red"), and NoRepeatNgram(1) would forbid every
+  word twice anywhere ("a man ... a hat"); this is the narrow rule between them.
 - EndGuard: <end> is masked right after a determiner, preposition or conjunction, and after an
   adjective not licensed as a predicate (see captioner.eval.fluency, whose rule this is): the caption has
   to say the noun it promised. The word classes come in as vocabulary ids.
@@ -62,6 +65,21 @@ class NoRepeatNgram(_Wrapper):
     def select_state(self, state, index):
         inner, history = state
         return self.model.select_state(inner, index), history[index]
+
+
+class NoRepeatWord(_Wrapper):
+    """Never the word just said again: the word fed in is masked for the next step."""
+
+    def init_state(self, features):
+        return self.model.init_state(features)
+
+    def step(self, tokens, state):
+        log_probs, state = self.model.step(tokens, state)
+        log_probs.scatter_(1, tokens[:, None], float("-inf"))
+        return log_probs, state
+
+    def select_state(self, state, index):
+        return self.model.select_state(state, index)
 
 
 class EndGuard(_Wrapper):
