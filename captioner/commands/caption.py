@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
                                                  n_best=args.n_best, length_penalty=args.length_penalty,
                                                  no_repeat_ngram=args.no_repeat_ngram,
                                                  end_guard=args.end_guard,
-                                                 no_repeat_word=args.no_repeat_word):
+                                                 no_repeat_word=args.repeat_guard):
         if isinstance(result, CaptionerError):
             failed += 1
             print(f"error: {result}", file=sys.stderr)

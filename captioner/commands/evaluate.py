@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
                                       max_len=args.max_len, length_penalty=args.length_penalty,
                                       no_repeat_ngram=args.no_repeat_ngram, end_guard=args.end_guard,
-                                      no_repeat_word=args.no_repeat_word)
+                                      no_repeat_word=args.repeat_guard)
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": described, "data": str(args.data), "split": split,
             "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
             "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
-            "no_repeat_word": args.no_repeat_word,
+            "repeat_guard": args.repeat_guard,
             "totals": scores.totals, "fluency": fluency,
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
                            "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
