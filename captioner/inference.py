@@ -90,7 +90,7 @@ class Captioner:
             self._encoder = encoder.to(self.device).eval()
         return self._encoder
 
-    def constrained(self, no_repeat_ngram: int = 2, end_guard: bool = True, no_repeat_word: bool = True):
+    def constrained(self, no_repeat_ngram: int = 0, end_guard: bool = False, no_repeat_word: bool = False):
         """The searchable decoder with the decode-time constraints of captioner.model.constraints."""
         if no_repeat_ngram < 0:
             raise CaptionerError(f"no-repeat n-gram size must be 0 (off) or positive, got {no_repeat_ngram}")
@@ -108,15 +108,15 @@ class Captioner:
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                          n_best: int = 1, batch_size: int = 100, length_penalty: float = 0.0,
-                         no_repeat_ngram: int = 2, end_guard: bool = True,
-                         no_repeat_word: bool = True) -> list[list[Hypothesis]]:
+                         no_repeat_ngram: int = 0, end_guard: bool = False,
+                         no_repeat_word: bool = False) -> list[list[Hypothesis]]:
         """features (N, F) image vectors -> the n-best hypotheses for each image.
 
         length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
         no_repeat_ngram: no n-gram of this size twice in a caption (0: off). end_guard: no caption ends on
         a determiner, preposition, conjunction or dangling adjective. no_repeat_word: no word twice in a
-        row. See captioner.model.constraints; the defaults are the combination that measured best on the
-        shipped model (README, "Fluency"), and 0 / False / False decodes without any constraint.
+        row. See captioner.model.constraints. Off here (plain beam search); the `caption` and `evaluate`
+        commands turn on the combination that measured best (README, "Fluency").
         """
         searchable = self.constrained(no_repeat_ngram, end_guard, no_repeat_word)
         if length_penalty < 0:
@@ -141,8 +141,8 @@ class Captioner:
 
     @torch.no_grad()
     def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                       batch_size: int = 16, length_penalty: float = 0.0, no_repeat_ngram: int = 2,
-                       end_guard: bool = True, no_repeat_word: bool = True):
+                       batch_size: int = 16, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                       end_guard: bool = False, no_repeat_word: bool = False):
         """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
         in the order given; one bad file never stops the others."""
         for i in range(0, len(paths), batch_size):
