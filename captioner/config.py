@@ -21,6 +21,7 @@ CONDITIONING = ("inject", "init", "both")
 SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
 DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco")
 PRECISIONS = ("auto", "fp32", "bf16")  # captioner.precision.PRECISIONS (config.py imports no torch)
+POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.POOLINGS (config imports no torch)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class EncoderConfig:
     fine_tune: int = 0  # train the encoder's last N blocks too (images go through the CNN; no cache)
     fine_tune_lr_scale: float = 0.1  # the encoder's learning rate as a fraction of train.lr
     flip_average: bool = False  # v = mean of f(image) and f(mirrored image); cached apart from plain v
+    pooling: str = "mean"  # the last grid -> v: mean | max | meanmax (both concatenated); cached apart
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ class TrainConfig:
     scst_samples: int = 5  # captions sampled per image
     scst_baseline: str = "greedy"  # greedy: the greedy caption's reward (Rennie et al.) | mean: other samples'
     scst_batch_size: int = 50  # images per SCST step
+    # Fixes for SCST's bad endings ("... playing with a blue"); the defaults leave the reward and loss as above.
+    scst_reward_end: bool = False  # CIDEr-D counts <end> as a word, so "grass <end>" earns and "a <end>" not
+    scst_end_weight: float = 1.0  # weight of the <end> token's term in the policy-gradient loss
+    scst_bad_ending_penalty: float = 0.0  # subtracted from the reward of a caption that ends badly
+    scst_repeat_penalty: float = 0.0  # subtracted from the reward of a caption with a word twice in a row
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
@@ -121,12 +128,19 @@ def validate(cfg: Config) -> Config:
         (t.scst_baseline in ("greedy", "mean"), f"train.scst_baseline must be greedy or mean, got {t.scst_baseline!r}"),
         (t.scst_baseline != "mean" or t.scst_samples >= 2, "train.scst_baseline = \"mean\" needs scst_samples >= 2"),
         (t.scst_batch_size > 0, f"train.scst_batch_size must be positive, got {t.scst_batch_size}"),
+        (0.0 <= t.scst_end_weight < math.inf, f"train.scst_end_weight must be 0 or more, got {t.scst_end_weight}"),
+        (0.0 <= t.scst_bad_ending_penalty < math.inf,
+         f"train.scst_bad_ending_penalty must be 0 (off) or more, got {t.scst_bad_ending_penalty}"),
+        (0.0 <= t.scst_repeat_penalty < math.inf,
+         f"train.scst_repeat_penalty must be 0 (off) or more, got {t.scst_repeat_penalty}"),
         (t.scst_epochs == 0 or cfg.encoder.fine_tune == 0,
          "train.scst_epochs needs a frozen encoder (encoder.fine_tune = 0): SCST trains the decoder on cached features"),
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"),
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),
+        (cfg.encoder.pooling in POOLINGS,
+         f"encoder.pooling must be one of {', '.join(POOLINGS)}, got {cfg.encoder.pooling!r}"),
         (cfg.encoder.batch_size > 0, f"encoder.batch_size must be positive, got {cfg.encoder.batch_size}"),
         (cfg.encoder.num_workers >= 0, f"encoder.num_workers must be 0 or more, got {cfg.encoder.num_workers}"),
         (math.isfinite(t.lr), f"train.lr must be finite, got {t.lr}"),

@@ -2,13 +2,18 @@
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from captioner.vision.encoders import (LITE0_SPEC, EfficientNetLite0, _ConvBN, _lite0_weights_file, build_encoder,
                                 lite0_state_dict, list_encoders)
+from captioner.vision.encoders import EfficientNetLite, lite_spec, lite_state_dict
+from captioner.vision.encoders.registry import pil_transform
+from captioner.vision.encoders.lite import LITE1, LITE2, _weights_file, round_filters, round_repeats
 from captioner.errors import CaptionerError
+from captioner.vision.features import cache_folder
 from captioner.vision.images import load_image
 
 # Flickr8k photos whose five captions all say "dog" (and mention no people or other animals), the 8 that
@@ -99,6 +104,68 @@ def test_real_dog_photos_are_dogs_with_confidence(flickr8k_root, lite0):
     # 0.85: that one is too close to separate here, see test_tf_same_padding_is_asymmetric_for_stride_2).
     assert top1.mean() > 0.78
     assert wrong_top1.mean() < top1.mean() - 0.1
+
+
+def test_lite_scaling_rules():
+    # EfficientNet's rounding: to a multiple of 8, never more than 10% below the scaled width.
+    assert [round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 48, 88, 120, 208, 352]
+    assert round_filters(32, 1.0) == 32 and round_repeats(3, 1.1) == 4 and round_repeats(4, 1.2) == 5
+    # Lite: the first and last stages keep one block each; the middle ones deepen.
+    assert [s[4] for s in LITE1.stages()] == [1, 3, 3, 4, 4, 5, 1]
+    assert [s[3] for s in LITE2.stages()] == [16, 24, 48, 88, 120, 208, 352]
+
+
+@pytest.mark.parametrize("variant", [LITE1, LITE2], ids=lambda v: v.name)
+def test_lite_weights_map_every_key_both_ways(variant):
+    theirs = torch.load(_weights_file(variant), weights_only=True, map_location="cpu")
+    model = EfficientNetLite(variant, pretrained=False)
+    mapped = lite_state_dict(theirs, model)
+    assert set(mapped) == set(model.state_dict()) and len(mapped) == len(theirs)
+    # The other member's weights have the same key names (both have 21 blocks) but other shapes.
+    other = LITE2 if variant is LITE1 else LITE1
+    with pytest.raises(CaptionerError, match="do not match"):
+        lite_state_dict(torch.load(_weights_file(other), weights_only=True, map_location="cpu"), model)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_family_registered_with_its_own_cache_key(name):
+    encoder = build_encoder(name)
+    assert encoder.spec.name == name and encoder.spec.feature_dim == 1280 and encoder.frozen
+    v = encoder(torch.randn(1, 3, 224, 224))
+    assert v.shape == (1, 1280) and torch.isfinite(v).all()
+    assert cache_folder(Path("c"), encoder.spec) != cache_folder(Path("c"), LITE0_SPEC)
+    native = lite_spec(encoder.variant, encoder.variant.native_size)
+    assert cache_folder(Path("c"), native) != cache_folder(Path("c"), encoder.spec)  # another input size, another folder
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("variant", [LITE1, LITE2], ids=lambda v: v.name)
+def test_real_dog_photos_are_dogs_for_lite1_and_lite2(flickr8k_root, variant):
+    """The registered preprocessing (crop 224 of 256, (x*255 - 127) / 128) against two wrong ones: ImageNet
+    mean/std, and the native input size (the 224-px Flickr8k copies upsampled, as the TF reference would
+    crop them). benchmarks/lite_preprocessing.py measures the choice on 64 photos."""
+    images = [load_image(flickr8k_root / "Images" / name) for name in DOG_PHOTOS]
+    encoder = build_encoder(variant.name)
+
+    def top1_and_dog_top5(model, spec):
+        transform = pil_transform(spec)
+        probs = model.classify(torch.stack([transform(im) for im in images])).softmax(-1)
+        dog_in_top5 = torch.isin(probs.topk(5).indices, torch.tensor(list(DOG_CLASSES))).any(-1)
+        return probs.max(-1).values, dog_in_top5
+
+    top1, dog = top1_and_dog_top5(encoder, encoder.spec)
+    wrong_norm = EfficientNetLite(variant, replace(encoder.spec, **IMAGENET_NORM))
+    wrong_top1, _ = top1_and_dog_top5(wrong_norm, wrong_norm.spec)
+    native_top1, _ = top1_and_dog_top5(encoder, lite_spec(variant, variant.native_size))
+    print(f"\n{variant.name} top-1 probabilities on dog photos: {[round(p, 3) for p in top1.tolist()]}"
+          f" mean {top1.mean():.3f}; ImageNet mean/std instead: mean {wrong_top1.mean():.3f}; "
+          f"native {variant.native_size} input: mean {native_top1.mean():.3f}")
+    assert dog.all()
+    # Measured: Lite1 0.86, Lite2 0.90 on these photos; ImageNet mean/std 0.65 / 0.66; symmetric conv
+    # padding 0.85 / 0.87 (too close to separate here, as for Lite0).
+    assert top1.mean() > 0.8
+    assert wrong_top1.mean() < top1.mean() - 0.1
+    assert native_top1.mean() < top1.mean() - 0.1
 
 
 def test_resnet_without_cached_weights_fails_fast_without_network(tmp_path, monkeypatch):

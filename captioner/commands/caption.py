@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     paths = list(dict.fromkeys(paths))  # a file named twice is captioned once
     results, gallery = [], []
     for path, result in captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
-                                                 n_best=args.n_best, length_penalty=args.length_penalty):
+                                                 n_best=args.n_best, length_penalty=args.length_penalty,
+                                                 no_repeat_ngram=args.no_repeat_ngram,
+                                                 end_guard=args.end_guard,
+                                                 no_repeat_word=args.repeat_guard):
         if isinstance(result, CaptionerError):
             failed += 1
             print(f"error: {result}", file=sys.stderr)

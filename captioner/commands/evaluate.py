@@ -10,6 +10,7 @@ from pathlib import Path
 from captioner.data.records import SPLITS, load_records, normalize_split
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
+from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.metrics import format_table, score_captions
 from captioner.inference import Captioner, resolve_device
 from captioner.precision import announce, resolve
@@ -53,19 +54,25 @@ def run(args: argparse.Namespace) -> int:
                              precision=precision)
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
-                                      max_len=args.max_len, length_penalty=args.length_penalty)
+                                      max_len=args.max_len, length_penalty=args.length_penalty,
+                                      no_repeat_ngram=args.no_repeat_ngram, end_guard=args.end_guard,
+                                      no_repeat_word=args.repeat_guard)
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}
     scores = score_captions(references, captions, meteor=not args.no_meteor)
     print(format_table(scores.totals, len(records)))
+    fluency = fluency_counts(captions[k] for k in keys)
+    print(format_fluency(fluency))
     # One checkpoint is named as before; an ensemble lists its members.
     described = args.checkpoint if len(args.checkpoint) > 1 else str((args.checkpoint or ["shipped"])[0])
     if args.json:
         out = {
             "checkpoint": described, "data": str(args.data), "split": split,
             "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
-            "totals": scores.totals,
+            "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
+            "repeat_guard": args.repeat_guard,
+            "totals": scores.totals, "fluency": fluency,
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
                            "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
         }

@@ -15,6 +15,19 @@ was sampled (and the one decoded at test time). Like decoding, the policy never 
 <start>: their log-probabilities are masked to -inf before the softmax here too.
 
 Only the decoder trains (image vectors come from the feature cache); batches are of images, not captions.
+
+SCST's known failure is the bad ending: CIDEr-D scores the words of a caption, not whether it stopped in
+the right place, so "a boy is playing with a blue" keeps nearly all the reward of "... with a blue ball"
+and the policy learns to stop early on a dangling word. Options against it (all off by default):
+
+- train.scst_reward_end: score <end> as a word of the caption and of every reference (as the reference
+  SCST implementation does), so the n-grams "ball <end>" and "grass <end>" are in the references and
+  "a <end>" or "blue <end>" are not: ending in the wrong place costs reward;
+- train.scst_end_weight: the weight of the <end> token's term in the loss (0: the policy gradient never
+  pushes on when to stop; > 1: it pushes harder);
+- train.scst_bad_ending_penalty / scst_repeat_penalty: subtracted from the reward of a caption that ends on
+  a determiner, preposition, conjunction or dangling adjective / says a word twice in a row (the rules of
+  captioner.eval.fluency). They are part of the reward, so the greedy baseline pays them too.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from captioner.eval.cider import CiderD
+from captioner.eval.fluency import ends_badly, repeated_word
 from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
@@ -52,11 +66,48 @@ class RewardData:
 
     def __init__(self, images: list, rows: np.ndarray, references: list[list[str]]):
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.cider = CiderD({i: [tokenize(c) for c in refs] for i, refs in enumerate(references)})
+        self._tokenized = {i: [tokenize(c) for c in refs] for i, refs in enumerate(references)}
+        self.cider = CiderD(self._tokenized)
+        self._cider_with_end: CiderD | None = None
         self.images = images
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def cider_with_end(self) -> CiderD:
+        """CIDEr-D over the references with END_WORD appended to each (document frequencies included)."""
+        if self._cider_with_end is None:
+            self._cider_with_end = CiderD({i: [[*r, END_WORD] for r in refs] for i, refs in self._tokenized.items()})
+        return self._cider_with_end
+
+
+END_WORD = "<end>"  # tokenize() never yields it, so it cannot collide with a caption's words
+
+
+def rewards(data: RewardData, keys, captions: list[list[int]], vocab: Vocabulary, cfg: TrainConfig) -> torch.Tensor:
+    """The reward of each caption (word ids, no <start>/<end>) for the image `keys[i]`: its CIDEr-D, with
+    the options of the module docstring. A caption cut at max_len never said <end> and is scored without it."""
+    words = [vocab.decode(c).split() for c in captions]
+    if cfg.scst_reward_end:
+        scored = [[*w, END_WORD] if len(c) < cfg.eval_max_len else w for w, c in zip(words, captions)]
+        out = torch.tensor(data.cider_with_end().scores(keys, scored))
+    else:
+        out = torch.tensor(data.cider.scores(keys, words))
+    if cfg.scst_bad_ending_penalty:
+        out -= cfg.scst_bad_ending_penalty * torch.tensor([float(ends_badly(w)) for w in words])
+    if cfg.scst_repeat_penalty:
+        out -= cfg.scst_repeat_penalty * torch.tensor([float(repeated_word(w) is not None) for w in words])
+    return out
+
+
+def policy_loss(token_logp: torch.Tensor, token_adv: torch.Tensor, token_is_end: torch.Tensor,
+                end_weight: float = 1.0) -> torch.Tensor:
+    """REINFORCE over the N sampled tokens: -(r - b) * log p(token), the <end> terms weighted by end_weight,
+    averaged over the N tokens (so the weight changes the <end> share, not the other tokens' scale)."""
+    terms = token_adv * token_logp
+    if end_weight != 1.0:
+        terms = terms * torch.where(token_is_end, end_weight, 1.0)
+    return -terms.sum() / token_logp.numel()
 
 
 def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end_id: int,
@@ -80,7 +131,8 @@ def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end
 
 def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, vocab: Vocabulary,
                optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, device: torch.device,
-               generator: torch.Generator, desc: str = "scst", precision: Precision = FP32) -> ScstResult:
+               generator: torch.Generator, desc: str = "scst", precision: Precision = FP32,
+               progress: bool = True) -> ScstResult:
     """One pass over the training images in shuffled batches of cfg.scst_batch_size images.
 
     Sampling, the greedy baseline and the policy-gradient forward pass run their GEMMs in `precision`;
@@ -94,7 +146,8 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
     totals = {"loss": 0.0, "tokens": 0, "sample": 0.0, "greedy": 0.0, "n": 0}
     start = time.perf_counter()
     # disable=None: no bar where stderr is not a terminal
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+               disable=None if progress else True)
     for idx in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.scst_lr
@@ -105,16 +158,16 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         with torch.no_grad(), precision.autocast():
             drawn = sample(policy, repeated, max_len=max_len, generator=generator,
                            start_id=vocab.start_id, end_id=vocab.end_id)
-            rewards = torch.tensor(data.cider.scores(keys, [vocab.decode(c).split() for c in drawn]))
+            reward = rewards(data, keys, drawn, vocab, cfg)
             if cfg.scst_baseline == "greedy":
                 base_caps = greedy(policy, feats, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
-                base = torch.tensor(data.cider.scores(idx, [vocab.decode(c).split() for c in base_caps]))
+                base = rewards(data, idx, base_caps, vocab, cfg)
                 baseline = base.repeat_interleave(K)
                 totals["greedy"] += float(base.sum())
             else:  # the mean of the image's other K-1 samples
-                per_image = rewards.view(-1, K)
+                per_image = reward.view(-1, K)
                 baseline = ((per_image.sum(1, keepdim=True) - per_image) / max(1, K - 1)).view(-1)
-        advantage = (rewards - baseline).to(device)
+        advantage = (reward - baseline).to(device)
 
         inputs, targets = sequence_tensors(drawn, max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
         inputs, targets = inputs.to(device), targets.to(device)
@@ -127,7 +180,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[mask][:, None]).squeeze(1)
         token_adv = advantage[:, None].expand_as(mask)[mask]
         n = int(mask.sum())
-        loss = -(token_adv * token_logp).sum() / n
+        loss = policy_loss(token_logp, token_adv, targets[mask] == vocab.end_id, cfg.scst_end_weight)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
         loss.backward()
@@ -136,7 +189,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         step += 1
         totals["loss"] += loss.item() * n
         totals["tokens"] += n
-        totals["sample"] += float(rewards.sum())
+        totals["sample"] += float(reward.sum())
         totals["n"] += len(idx)
         bar.set_postfix(reward=f"{totals['sample'] / (totals['n'] * K):.3f}",
                         img_s=f"{totals['n'] / (time.perf_counter() - start):.0f}")

@@ -14,8 +14,13 @@ from captioner.vision.encoders.registry import (  # noqa: F401
 from captioner.vision.encoders import lite, resnet  # noqa: F401  (registers the backbones)
 from captioner.vision.encoders.lite import (  # noqa: F401
     LITE0_SPEC,
+    LITE1_SPEC,
+    LITE2_SPEC,
+    EfficientNetLite,
     EfficientNetLite0,
     _ConvBN,
     _lite0_weights_file,
     lite0_state_dict,
+    lite_spec,
+    lite_state_dict,
 )

@@ -39,6 +39,7 @@ class EncoderSpec:
     # Fields added later have defaults, so specs stored before them (checkpoints, cache indexes) still
     # describe the same features: see spec_key and spec_with_defaults.
     flip_average: bool = False  # v = mean of f(image) and f(image mirrored left-right)
+    pooling: str = "mean"       # how the last grid becomes v: mean | max | meanmax (both, concatenated)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -59,6 +60,9 @@ class EncoderSpec:
     def differences(self, other: EncoderSpec) -> list[str]:
         """The names of the fields where `other` differs."""
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+POOLINGS = ("mean", "max", "meanmax")
 
 
 def spec_key(spec: EncoderSpec) -> dict[str, Any]:
@@ -92,11 +96,15 @@ def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False) -> "Encoder":
+def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False,
+                  pooling: str = "mean") -> "Encoder":
     """The named pretrained encoder, frozen and in eval mode. CaptionerError for unknown names/missing weights.
 
     flip_average: v is the mean of the features of the image and of its mirror image (see Encoder.forward).
+    pooling: mean (the default), max, or meanmax (the two concatenated: v twice as long).
     """
+    if pooling not in POOLINGS:
+        raise CaptionerError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -104,6 +112,10 @@ def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False) 
     encoder = _REGISTRY[name]()
     if flip_average:
         encoder.spec = replace(encoder.spec, flip_average=True)
+    if pooling != "mean":
+        grid_dim = encoder.spec.feature_dim
+        encoder.spec = replace(encoder.spec, pooling=pooling,
+                               feature_dim=2 * grid_dim if pooling == "meanmax" else grid_dim)
     return encoder
 
 
@@ -123,23 +135,28 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, feature_dim) v: the grid averaged over its h*w positions.
+        """(B, 3, H, W) -> (B, feature_dim) v: the grid pooled over its h*w positions (spec.pooling: the
+        mean by default; max; or mean and max concatenated).
 
         With spec.flip_average, v = (f(x) + f(x mirrored left-right)) / 2: mirroring seldom changes what a
         caption should say, so the two views are two looks at the same content (test-time augmentation,
         applied in training too so that v means the same thing). Both views run as one batch of 2B.
         """
+        return self._pooled(x, self.spec.pooling)
+
+    def _pooled(self, x: torch.Tensor, pooling: str) -> torch.Tensor:
         if not self.spec.flip_average:
-            return self.forward_grid(x).mean(dim=(2, 3))
+            return _pool(self.forward_grid(x), pooling)
         B = x.shape[0]
-        both = self.forward_grid(torch.cat([x, x.flip(-1)])).mean(dim=(2, 3))  # (2B, feature_dim)
+        both = _pool(self.forward_grid(torch.cat([x, x.flip(-1)])), pooling)  # (2B, feature_dim)
         return both.unflatten(0, (2, B)).mean(dim=0)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1000) ImageNet logits, for sanity checks of weights and preprocessing."""
+        """(B, 3, H, W) -> (B, 1000) ImageNet logits, for sanity checks of weights and preprocessing.
+        The classifier was trained on the mean-pooled grid, so it gets that whatever spec.pooling says."""
         if self.classifier is None:
             raise CaptionerError(f"encoder {self.spec.name} has no ImageNet classifier")
-        return self.classifier(self.forward(x))
+        return self.classifier(self._pooled(x, "mean"))
 
     def stages(self) -> list[nn.Module]:
         """The feature blocks from input to output; `unfreeze_last(n)` opens the last n."""
@@ -175,6 +192,15 @@ class Encoder(nn.Module):
             if module is not None and not any(p.requires_grad for p in module.parameters()):
                 module.eval()
         return self
+
+
+def _pool(grid: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C) for mean or max, (B, 2C) [mean, max] for meanmax."""
+    if pooling == "mean":
+        return grid.mean(dim=(2, 3))
+    if pooling == "max":
+        return grid.amax(dim=(2, 3))
+    return torch.cat([grid.mean(dim=(2, 3)), grid.amax(dim=(2, 3))], dim=1)
 
 
 def pil_transform(spec: EncoderSpec) -> transforms.Compose:
