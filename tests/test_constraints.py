@@ -1,7 +1,6 @@
 """Decode-time constraints: n-gram repetition blocking (Hugging Face's no_repeat_ngram_size) and the
 end guard, through greedy, beam search and sampling, on a toy Markov decoder that loves to repeat."""
 
-import itertools
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The results gallery (captioner.eval.gallery): what the page holds, its order, and, in headless
 Chromium, that the thumbnails and captions are on screen (a screenshot is kept in the test's tmp folder)."""
 
-import json
 import os
 import re
 import subprocess

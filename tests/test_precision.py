@@ -1,7 +1,6 @@
 """bf16 autocast: auto picks it only where the CPU has native bf16; decoding and training stay exact where
 it matters (beam 1 == greedy, fp32 log-probabilities, fp32 master weights and optimizer state)."""
 
-import argparse
 
 import pytest
 import torch

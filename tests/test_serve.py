@@ -4,7 +4,6 @@ serving after, and the page in headless Chromium captioning a photo picked throu
 
 import asyncio
 import io
-import json
 import os
 import re
 import select

@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import Dataset
 
 from captioner.data.records import Record
-from captioner.errors import CaptionerError
 from captioner.data.vocab import Vocabulary
 
 

@@ -81,7 +81,6 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     precision = resolve_precision(tc.precision, device)
     if dist.is_main:
         announce(precision)
-    if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     data = prepare_data(cfg, vocab, dist, precision)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from captioner.data.dataset import Batch, CaptionDataset, Collate
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
+from captioner.model.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
 from captioner.precision import FP32, Precision
 from captioner.vision.encoders import Encoder, EncoderSpec, build_encoder
