@@ -8,13 +8,13 @@ step writes the caption.
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
 -> search (greedy, beam, sampling) -> metrics.
 
-Importing the package imports no torch: `Captioner` and `CaptionerError` are loaded on first use, so the
+Importing the package imports no torch: `Captioner`, `CaptionerError` and `Guards` are loaded on first use, so the
 `captioner` command answers --help at once.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Captioner", "CaptionerError", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "Guards", "__version__"]
 
 
 def __getattr__(name: str):
@@ -26,8 +26,12 @@ def __getattr__(name: str):
         from captioner.errors import CaptionerError
 
         return CaptionerError
+    if name == "Guards":
+        from captioner.model.constraints import Guards
+
+        return Guards
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + ["Captioner", "CaptionerError"])
+    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards"])

@@ -67,15 +67,15 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="matrix multiplies in bf16 or fp32; auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU "
                         "has native bf16, fp32 elsewhere")
-    # The decode-time fluency levers. Off by default (plain beam search, as the Python API decodes);
-    # `--no-repeat-ngram 2 --repeat-guard --end-guard` measured best on the shipped model (README, "Fluency").
-    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+    # The decode-time fluency guards; their defaults are captioner.model.constraints.Guards() (a test keeps
+    # the two equal), the measured best. --no-repeat-ngram 0 --no-repeat-guard --no-end-guard: plain search.
+    p.add_argument("--no-repeat-ngram", type=int, default=2, metavar="N",
                    help="no n-gram of N words twice in a caption, as Hugging Face's no_repeat_ngram_size "
                         "(0: off)")
-    p.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="never the same word twice in a row (\"is is\"), which --no-repeat-ngram 2 lets "
                         "through once")
-    p.add_argument("--end-guard", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--end-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
 
 

@@ -23,7 +23,7 @@ from captioner.vision.images import as_image, load_image
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 from captioner.precision import Precision, resolve
 from captioner.eval import fluency
-from captioner.model.constraints import EndGuard, NoRepeatNgram, NoRepeatWord
+from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepeatWord
 
 log = logging.getLogger("captioner")
 
@@ -140,16 +140,14 @@ class Captioner:
             self._encoder = encoder.to(self.device).eval()
         return self._encoder
 
-    def constrained(self, no_repeat_ngram: int = 0, end_guard: bool = False, no_repeat_word: bool = False):
-        """The searchable decoder with the decode-time constraints of captioner.model.constraints."""
-        if no_repeat_ngram < 0:
-            raise CaptionerError(f"no-repeat n-gram size must be 0 (off) or positive, got {no_repeat_ngram}")
+    def constrained(self, guards: Guards):
+        """The searchable decoder under the decode-time constraints of captioner.model.constraints."""
         model = self.searchable
-        if no_repeat_ngram:
-            model = NoRepeatNgram(model, no_repeat_ngram)
-        if no_repeat_word:
+        if guards.no_repeat_ngram:
+            model = NoRepeatNgram(model, guards.no_repeat_ngram)
+        if guards.repeat_word:
             model = NoRepeatWord(model)
-        if end_guard:
+        if guards.end:
             ids = lambda words: [self.vocab.ids[w] for w in words if w in self.vocab]  # noqa: E731
             model = EndGuard(model, self.vocab.end_id, ids(fluency.CLOSED_CLASS), ids(fluency.ADJECTIVES),
                              ids(fluency.PREDICATIVE), self.vocab.ids.get("and"))
@@ -158,17 +156,15 @@ class Captioner:
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                          n_best: int = 1, batch_size: int = 100, length_penalty: float = 0.0,
-                         no_repeat_ngram: int = 0, end_guard: bool = False,
-                         no_repeat_word: bool = False) -> list[list[Hypothesis]]:
+                         guards: Guards = Guards()) -> list[list[Hypothesis]]:
         """features (N, F) image vectors -> the n-best hypotheses for each image.
 
         length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
-        no_repeat_ngram: no n-gram of this size twice in a caption (0: off). end_guard: no caption ends on
-        a determiner, preposition, conjunction or dangling adjective. no_repeat_word: no word twice in a
-        row. See captioner.model.constraints. Off by default (plain beam search); no_repeat_ngram=2 with both guards
-        measured best on the shipped model (README, "Fluency").
+        guards: the decode-time fluency constraints (captioner.model.constraints.Guards); the default, no
+        bigram twice, no word twice in a row and no dangling ending, measured best on the shipped model.
+        `Guards.off()` is plain beam search.
         """
-        searchable = self.constrained(no_repeat_ngram, end_guard, no_repeat_word)
+        searchable = self.constrained(guards)
         if length_penalty < 0:
             raise CaptionerError(f"length penalty must be 0 (off) or positive, got {length_penalty}")
         if beam_size < 1:
@@ -192,8 +188,7 @@ class Captioner:
 
     @torch.no_grad()
     def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                       batch_size: int = 16, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                       end_guard: bool = False, no_repeat_word: bool = False):
+                       batch_size: int = 16, length_penalty: float = 0.0, guards: Guards = Guards()):
         """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
         in the order given; one bad file never stops the others."""
         for i in range(0, len(paths), batch_size):
@@ -209,8 +204,7 @@ class Captioner:
                 with self.precision.autocast():
                     feats = self.encoder(torch.stack(tensors).to(self.device)).float()
                 hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                             length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
-                                             end_guard=end_guard, no_repeat_word=no_repeat_word)
+                                             length_penalty=length_penalty, guards=guards)
                 for path, h in zip(ok, hyps):
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:
@@ -219,7 +213,8 @@ class Captioner:
     # ---- the Python API: cap(x) -------------------------------------------------------------------------
     @torch.no_grad()
     def caption_pil(self, images: Sequence, beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                    length_penalty: float = 0.0, batch_size: int = 16) -> list[list[Hypothesis]]:
+                    length_penalty: float = 0.0, batch_size: int = 16,
+                    guards: Guards = Guards()) -> list[list[Hypothesis]]:
         """RGB PIL images (already decoded: see captioner.vision.images) -> the n-best for each, batched."""
         out: list[list[Hypothesis]] = []
         for i in range(0, len(images), batch_size):
@@ -227,18 +222,20 @@ class Captioner:
             with self.precision.autocast():
                 feats = self.encoder(x.to(self.device)).float()
             out.extend(self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                             length_penalty=length_penalty))
+                                             length_penalty=length_penalty, guards=guards))
         return out
 
     def __call__(self, images, n_best: int | None = None, beam_size: int | None = None, max_len: int = 20,
-                 length_penalty: float = 0.0, batch_size: int = 16):
+                 length_penalty: float = 0.0, batch_size: int = 16, guards: Guards = Guards()):
         """Caption one image or a list of them.
 
         An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
         gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
         each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
         beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
-        3, or to n_best when that is larger. A bad input raises CaptionerError naming it.
+        3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
+        measured best; `captioner.Guards.off()` for plain beam search). A bad input raises CaptionerError
+        naming it.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -255,7 +252,8 @@ class Captioner:
             name = str(item) if isinstance(item, (str, Path)) else ("image" if single else f"images[{i}]")
             decoded.append(as_image(item, name))
         hyps = self.caption_pil(decoded, beam_size=beam_size, max_len=max_len, n_best=n_best or 1,
-                                length_penalty=length_penalty, batch_size=batch_size) if decoded else []
+                                length_penalty=length_penalty, batch_size=batch_size,
+                                guards=guards) if decoded else []
         if n_best is None:
             results = [self.text(h[0]) for h in hyps]
         else:

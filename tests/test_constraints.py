@@ -164,3 +164,26 @@ def test_constraints_compose_and_follow_beam_reordering():
             grams = ngrams(h.tokens, 2)
             assert len(grams) == len(set(grams))
             assert len(h.tokens) == 15 or not ends_badly(text(h.tokens))
+
+
+def test_guards_default_to_the_measured_best_everywhere():
+    """The command line, the Python API and `Guards()` agree: guards on unless turned off."""
+    from captioner.cli import build_parser
+    from captioner.commands import guards_of
+    from captioner.inference import Captioner
+    from captioner.model.constraints import Guards
+
+    assert Guards() == Guards(no_repeat_ngram=2, repeat_word=True, end=True)
+    for command in (["caption", "x.jpg"], ["evaluate", "--data", "d"]):
+        assert guards_of(build_parser().parse_args(command)) == Guards()
+        off = build_parser().parse_args([*command, "--no-repeat-ngram", "0", "--no-repeat-guard", "--no-end-guard"])
+        assert guards_of(off) == Guards.off()
+    cap = Captioner.from_pretrained()
+    wrappers, m = [], cap.constrained(Guards())
+    while m is not cap.searchable:
+        wrappers.append(type(m).__name__)
+        m = m.model
+    assert wrappers == ["EndGuard", "NoRepeatWord", "NoRepeatNgram"]
+    assert cap.constrained(Guards.off()) is cap.searchable
+    with pytest.raises(CaptionerError, match="no-repeat n-gram size"):
+        Guards(no_repeat_ngram=-1)

@@ -20,6 +20,7 @@ from captioner.data.records import load_records
 from captioner.data.vocab import Vocabulary
 from captioner.model.decoder import CaptionDecoder
 from captioner.vision.encoders import LITE0_SPEC
+from captioner.model.constraints import Guards
 from captioner.model.ensemble import Ensemble
 from captioner.errors import CaptionerError
 from captioner.vision.features import extract_features
@@ -129,7 +130,7 @@ def test_one_checkpoint_is_the_plain_model_and_several_an_ensemble(tmp_path):
     both = Captioner.from_checkpoints([a, b])
     assert isinstance(both.model, Ensemble) and len(both.model.members) == 2
     v = features()
-    hyps = both.caption_features(v, beam_size=3, n_best=3)
+    hyps = both.caption_features(v, beam_size=3, n_best=3, guards=Guards.off())  # plain beam search
     by_hand = Ensemble([checkpoint.load_model(a).model, checkpoint.load_model(b).model])
     suppressed = SuppressWords(by_hand, [0, 1, 3])  # <pad>, <start>, <unk>: never in a caption
     assert hyps == beam_search(suppressed, v, beam_size=3, n_best=3)

@@ -1,5 +1,5 @@
-"""`evaluate` reports the fluency counts (and writes them to --json); the decode levers reach it from the
-command line: with the repeat and end guards the shipped model neither stutters nor dangles."""
+"""`evaluate` reports the fluency counts (and writes them to --json); the decode guards reach it from the
+command line, on by default: with them the shipped model neither stutters nor dangles."""
 
 import json
 import subprocess
@@ -21,8 +21,9 @@ def run_cli(*args):
 @pytest.mark.slow
 def test_evaluate_prints_and_writes_fluency_and_the_levers_work(coco_mini_root, tmp_path):
     reports = {}
-    for name, levers in (("plain", []), ("levers", ["--no-repeat-ngram", "3", "--repeat-guard", "--end-guard"]),
-                         ("best", ["--no-repeat-ngram", "2", "--repeat-guard", "--end-guard"])):
+    for name, levers in (("plain", ["--no-repeat-ngram", "0", "--no-repeat-guard", "--no-end-guard"]),
+                         ("levers", ["--no-repeat-ngram", "3", "--repeat-guard", "--end-guard"]),
+                         ("default", [])):
         out = tmp_path / f"{name}.json"
         proc = run_cli("evaluate.py", "--data", coco_mini_root, "--split", "train", "--limit", "40", "--no-meteor",
                        "--cache-dir", tmp_path / "cache", "--json", out, *levers)
@@ -36,8 +37,9 @@ def test_evaluate_prints_and_writes_fluency_and_the_levers_work(coco_mini_root, 
     levers, plain = reports["levers"], reports["plain"]
     assert levers["no_repeat_ngram"] == 3 and levers["end_guard"] is True and levers["repeat_guard"] is True
     assert plain["no_repeat_ngram"] == 0 and plain["end_guard"] is False and plain["repeat_guard"] is False
-    assert reports["best"]["no_repeat_ngram"] == 2 and reports["best"]["end_guard"] is True
-    for name in ("levers", "best"):
+    default = reports["default"]
+    assert default["no_repeat_ngram"] == 2 and default["end_guard"] is True and default["repeat_guard"] is True
+    for name in ("levers", "default"):
         assert reports[name]["fluency"]["repeats"] == 0
         # Captions that stop before max_len cannot end badly under the guard.
         ended = [e["caption"] for e in reports[name]["per_image"] if len(e["caption"].split()) < 20]

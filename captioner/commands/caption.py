@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from captioner.commands import guards_of
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.inference import Captioner, resolve_device
@@ -41,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
     results, gallery = [], []
     for path, result in captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
                                                  n_best=args.n_best, length_penalty=args.length_penalty,
-                                                 no_repeat_ngram=args.no_repeat_ngram,
-                                                 end_guard=args.end_guard,
-                                                 no_repeat_word=args.repeat_guard):
+                                                 guards=guards_of(args)):
         if isinstance(result, CaptionerError):
             failed += 1
             print(f"error: {result}", file=sys.stderr)

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from captioner.data.records import SPLITS, load_records, normalize_split
+from captioner.commands import guards_of
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
@@ -55,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
                                       max_len=args.max_len, length_penalty=args.length_penalty,
-                                      no_repeat_ngram=args.no_repeat_ngram, end_guard=args.end_guard,
-                                      no_repeat_word=args.repeat_guard)
+                                      guards=guards_of(args))
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}

@@ -21,10 +21,31 @@ in and masks the next-word log-probabilities, `select_state` reorders it with th
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from captioner.errors import CaptionerError
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Which constraints a caption is decoded under. The default is the measured best on the shipped model
+    (docs/results.md, "Fluency"): no bigram twice, no word twice in a row, no dangling ending.
+    `Guards.off()` is plain search."""
+
+    no_repeat_ngram: int = 2  # NoRepeatNgram(n); 0: off
+    repeat_word: bool = True  # NoRepeatWord
+    end: bool = True  # EndGuard
+
+    def __post_init__(self):
+        if isinstance(self.no_repeat_ngram, bool) or not isinstance(self.no_repeat_ngram, int) \
+                or self.no_repeat_ngram < 0:
+            raise CaptionerError(f"no-repeat n-gram size must be 0 (off) or positive, got {self.no_repeat_ngram!r}")
+
+    @classmethod
+    def off(cls) -> Guards:
+        return cls(no_repeat_ngram=0, repeat_word=False, end=False)
 
 
 class _Wrapper:
