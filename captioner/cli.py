@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from captioner import __version__
 from captioner.errors import CaptionerError
 
-DEVICES = ("auto", "cpu", "cuda")  # captioner.inference.DEVICES, spelt out so that --help imports nothing
+DEVICES = ("auto", "cpu", "cuda")  # captioner.device.DEVICES, spelt out so that --help imports no torch
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from captioner import checkpoint
+from captioner.device import resolve_device
 from captioner.vision.encoders import Encoder, build_encoder
 from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
@@ -28,25 +29,6 @@ from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepea
 log = logging.getLogger("captioner")
 
 DEFAULT_CHECKPOINT_NAME = "flickr8k.pt"
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (CUDA when there is a GPU, else the CPU), "cpu", "cuda" (or "cuda:N"), or a torch.device."""
-    if isinstance(device, torch.device):
-        return device
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise CaptionerError(f"device {name!r} asked for, but no CUDA device is available (use cpu or auto)")
-        return torch.device(name)
-    raise CaptionerError(f"unknown device {name!r} (expected auto, cpu or cuda)")
-
-
 def _pretrained_path(name_or_path: str | Path | None) -> Path:
     """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path."""
     if name_or_path is None:
@@ -193,18 +175,16 @@ class Captioner:
         in the order given; one bad file never stops the others."""
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
-            tensors, ok, results = [], [], {}
+            images, ok, results = [], [], {}
             for path in chunk:
                 try:
-                    tensors.append(self.encoder.preprocess(load_image(path)))
+                    images.append(load_image(path))
                     ok.append(path)
                 except CaptionerError as err:
                     results[path] = err
-            if tensors:
-                with self.precision.autocast():
-                    feats = self.encoder(torch.stack(tensors).to(self.device)).float()
-                hyps = self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                             length_penalty=length_penalty, guards=guards)
+            if images:
+                hyps = self.caption_pil(images, beam_size=beam_size, max_len=max_len, n_best=n_best,
+                                        length_penalty=length_penalty, batch_size=len(images), guards=guards)
                 for path, h in zip(ok, hyps):
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:

@@ -11,7 +11,8 @@ from pathlib import Path
 from captioner.commands import guards_of
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
-from captioner.inference import Captioner, resolve_device
+from captioner.device import resolve_device
+from captioner.inference import Captioner
 from captioner.precision import announce, resolve
 from captioner.vision.images import find_images
 

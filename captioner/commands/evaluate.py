@@ -13,7 +13,8 @@ from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.metrics import format_table, score_captions
-from captioner.inference import Captioner, resolve_device
+from captioner.device import resolve_device
+from captioner.inference import Captioner
 from captioner.precision import announce, resolve
 from captioner.vision.features import extract_features
 

@@ -21,6 +21,7 @@ from captioner import checkpoint, distributed
 from captioner.atomic import atomic_write_text
 from captioner.config import Config, from_dict, load_config, to_dict, to_toml, validate
 from captioner.data.dataset import CaptionDataset, Collate
+from captioner.device import resolve_device
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import announce, resolve as resolve_precision
@@ -30,14 +31,6 @@ from captioner.train.sources import EndToEnd, prepare_data
 from captioner.train.validate import dev_loss, evaluate
 
 log = logging.getLogger("captioner")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CaptionerError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def _is_better(value: float, best: float | None, metric: str) -> bool:
@@ -74,7 +67,10 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         raise CaptionerError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
 
     tc = cfg.train
-    device = resolve_device(tc.device)
+    try:
+        device = resolve_device(tc.device)
+    except CaptionerError as err:
+        raise CaptionerError(f"train.device: {err}") from None
     dist = distributed.init(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
