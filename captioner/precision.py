@@ -16,12 +16,20 @@ explicitly still works (with a warning), which the tests use to check the bf16 n
 On CUDA `auto` is bf16 where the GPU supports it, else fp16 with a gradient scaler, as before.
 
 This module holds no state: `resolve` returns a frozen value that callers pass down explicitly.
+
+Test hook: CAPTIONER_AUTO_PRECISION=bf16|fp32 in the environment makes `auto` on the CPU find that
+precision instead of reading the CPU's flags, so the test suite can be run as on a CPU with native bf16
+and as on one without, on any machine (`pytest --auto-precision=bf16` sets it for the run and its
+subprocesses; docs/precision.md). It is read at each call, changes nothing else (explicit `fp32`/`bf16`,
+CUDA, and calls that pass `flags` are as before), and is for tests only: users ask for a precision with
+`--precision` or `train.precision`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,9 @@ log = logging.getLogger("captioner")
 PRECISIONS = ("auto", "fp32", "bf16")
 # /proc/cpuinfo flags meaning the CPU has bf16 matrix instructions (not emulation on fp32 units).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Test hook: what `auto` finds on the CPU, instead of the CPU's flags (see the module docstring).
+AUTO_OVERRIDE_ENV = "CAPTIONER_AUTO_PRECISION"
+AUTO_OVERRIDES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,21 @@ def native_bf16(flags: frozenset[str] | None = None) -> tuple[bool, str]:
     return False, "the CPU's bf16 support could not be read (no /proc/cpuinfo flags)"
 
 
+def auto_override() -> str | None:
+    """The precision CAPTIONER_AUTO_PRECISION forces `auto` to on the CPU (a test hook), or None when unset."""
+    value = os.environ.get(AUTO_OVERRIDE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in AUTO_OVERRIDES:
+        raise CaptionerError(f"{AUTO_OVERRIDE_ENV} must be one of {', '.join(AUTO_OVERRIDES)} (or unset), "
+                             f"got {os.environ[AUTO_OVERRIDE_ENV]!r}")
+    return value
+
+
 def resolve(name: str, device: torch.device | str = "cpu", flags: frozenset[str] | None = None) -> Precision:
-    """The precision `name` ("auto" | "fp32" | "bf16") means on `device`; `flags` fakes the CPU flags."""
+    """The precision `name` ("auto" | "fp32" | "bf16") means on `device`; `flags` fakes the CPU flags.
+
+    Without `flags`, `auto` on the CPU honours the CAPTIONER_AUTO_PRECISION test hook when it is set."""
     if name not in PRECISIONS:
         raise CaptionerError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     kind = torch.device(device).type
@@ -112,6 +136,10 @@ def resolve(name: str, device: torch.device | str = "cpu", flags: frozenset[str]
         return Precision("fp16", kind, "auto: the GPU has no bf16; fp16 with a gradient scaler")
     if kind != "cpu":
         return Precision("fp32", kind, f"auto: no reduced precision on {kind}")
+    if name == "auto" and flags is None:
+        forced = auto_override()
+        if forced is not None:
+            return Precision(forced, kind, f"auto: forced to {forced} by {AUTO_OVERRIDE_ENV} (a test hook)")
     native, evidence = native_bf16(flags)
     if name == "fp32":
         return Precision("fp32", kind, "asked for")

@@ -2,6 +2,11 @@
 it matters (beam 1 == greedy, fp32 log-probabilities, fp32 master weights and optimizer state)."""
 
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +16,7 @@ from captioner.data.dataset import Batch
 from captioner.errors import CaptionerError
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.search import beam_search, greedy, sample
-from captioner.precision import cpu_flags, native_bf16, resolve
+from captioner.precision import AUTO_OVERRIDE_ENV, cpu_flags, native_bf16, resolve
 from captioner.train.step import backward_batch, mixed_precision
 
 NO_BF16 = frozenset({"fpu", "avx", "avx2", "avx512f", "avx512_vnni"})  # AVX-512 without its bf16 extension
@@ -51,6 +56,38 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     flags = cpu_flags(info)
     assert "avx512_bf16" in flags and native_bf16(flags)[0]
     assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+@pytest.mark.parametrize("forced", ["bf16", "fp32"])
+def test_the_test_hook_forces_what_auto_finds_on_the_cpu(monkeypatch, forced):
+    monkeypatch.setenv(AUTO_OVERRIDE_ENV, forced)
+    auto = resolve("auto", "cpu")
+    assert auto.name == forced and AUTO_OVERRIDE_ENV in auto.reason and "slower" not in auto.reason
+    assert resolve("auto", torch.device("cpu")).name == forced
+    with mixed_precision(torch.device("cpu"))[0]():  # what training does with a device and no precision
+        assert torch.is_autocast_enabled("cpu") == (forced == "bf16")
+    # Only `auto` on the CPU, read from the machine: explicit names and faked flags are as without it.
+    assert resolve("fp32", "cpu").name == "fp32" and resolve("bf16", "cpu").name == "bf16"
+    assert resolve("auto", "cpu", flags=NO_BF16).name == "fp32"
+    assert resolve("auto", "cpu", flags=BF16).name == "bf16"
+    monkeypatch.setenv(AUTO_OVERRIDE_ENV, "fp16")
+    with pytest.raises(CaptionerError, match=AUTO_OVERRIDE_ENV):
+        resolve("auto", "cpu")
+    assert resolve("fp32", "cpu").name == "fp32"  # a bad value stops only what would have read it
+    monkeypatch.delenv(AUTO_OVERRIDE_ENV)
+    assert resolve("auto", "cpu").name == ("bf16" if native_bf16()[0] else "fp32")  # the machine again
+
+
+@pytest.mark.parametrize("forced", ["bf16", "fp32"])
+def test_the_test_hook_reaches_subprocesses(tmp_path, forced):
+    """Read at call time from the environment, so the commands the tests start see it too."""
+    repo = Path(__file__).resolve().parents[1]
+    code = "from captioner.precision import resolve, announce; announce(resolve('auto', 'cpu'))"
+    env = {**os.environ, AUTO_OVERRIDE_ENV: forced, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO); " + code],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"precision {forced} on cpu: auto: forced to {forced} by {AUTO_OVERRIDE_ENV}" in done.stderr
 
 
 def test_config_and_cli_take_the_precision():
