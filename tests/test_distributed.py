@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     data = make_flickr_layout(tmp_path / "flickr")
     cache = tmp_path / "cache"
+    # fp32 on every CPU: the comparison is of exact gradient averaging, not of bf16 rounding (which `auto`
+    # would bring where the CPU has native bf16), and the fp32 cache is the one extracted again below.
     overrides = ["train.epochs=2", "train.batch_size=8", "model.dropout=0.0", "train.device=cpu",
-                 "encoder.num_workers=0", f"data.cache_dir={cache}"]
+                 "train.precision=fp32", "encoder.num_workers=0", f"data.cache_dir={cache}"]
     # Two processes on a fresh cache: they split the feature extraction and rank 0 writes one cache.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train.py", "--config", "configs/tiny.toml", "--data", str(data), "--run-dir", str(tmp_path / "ddp"),

@@ -168,8 +168,9 @@ def test_caption_and_evaluate_clis_take_several_checkpoints(tiny, tmp_path):
     ensemble = Captioner.from_checkpoints([a, b])
     expected = {str(p): r for p, r in ensemble.caption_images(images, beam_size=2, n_best=2)}
 
+    # fp32, as Captioner.from_checkpoints runs: `auto` would be bf16 on a CPU with native bf16.
     proc = run_cli("caption.py", *images, "--checkpoint", a, "--checkpoint", b, "--json", "--beam-size", 2,
-                   "--n-best", 2)
+                   "--n-best", 2, "--precision", "fp32")
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert [e["path"] for e in printed] == [str(p) for p in images]
@@ -181,7 +182,7 @@ def test_caption_and_evaluate_clis_take_several_checkpoints(tiny, tmp_path):
 
     cache, out = tmp_path / "cache", tmp_path / "eval.json"
     proc = run_cli("evaluate.py", "--checkpoint", a, "--checkpoint", b, "--data", data, "--split", "dev",
-                   "--cache-dir", cache, "--json", out, "--no-meteor")
+                   "--cache-dir", cache, "--json", out, "--no-meteor", "--precision", "fp32")
     assert proc.returncode == 0, proc.stderr
     assert "BLEU-4" in proc.stdout and "CIDEr" in proc.stdout
     report = json.loads(out.read_text())

@@ -91,7 +91,8 @@ def test_training_with_flip_average_captions_with_it(tmp_path, encoders, photo):
     data = make_flickr_layout(tmp_path / "flickr")
     cache = tmp_path / "cache"
     cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.root={data}", f"data.cache_dir={cache}",
-                                                       "train.epochs=1", "encoder.flip_average=true"])
+                                                       "train.epochs=1", "encoder.flip_average=true",
+                                                       "train.precision=fp32"])  # the fp32 cache key
     training.fit(cfg, tmp_path / "run")
     assert [p.name for p in cache.iterdir()] == [cache_folder(cache, encoders[1].spec).name]
     ckpt = tmp_path / "run" / "last.pt"
