@@ -2,8 +2,10 @@
 the installed `captioner` command works from any folder."""
 
 import ast
+import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -96,14 +98,40 @@ def test_every_package_is_listed_for_installation():
     assert present <= listed, sorted(present - listed)
 
 
+def _environment_site_dirs() -> list[str]:
+    """The site-packages folders this interpreter imports from: a venv's own (and its base's when it was
+    made with --system-site-packages), a conda environment's, or the system's plus the user's."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def make_venv_seeing_this_environment(venv: Path) -> Path:
+    """A fresh venv whose interpreter imports its own packages first, then this environment's; its python.
+
+    `python -m venv --system-site-packages` is not that from inside a venv: the new venv is made from the
+    base interpreter and sees the base's packages, not the venv's (torch, Pillow, ...). So the venv is made
+    bare and a .pth file adds this environment's site folders (with their own .pth files) after its own.
+    pip comes from this environment when it has one (Debian's python lacks ensurepip)."""
+    has_pip = importlib.util.find_spec("pip") is not None
+    subprocess.run([sys.executable, "-m", "venv", *(["--without-pip"] if has_pip else []), str(venv)],
+                   check=True)
+    py = venv / "bin" / "python"
+    own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    line = f"import site; list(map(site.addsitedir, {_environment_site_dirs()!r}))\n"  # one line, exec'd
+    (Path(own) / "_this_environment.pth").write_text(line)
+    return py
+
+
 @pytest.mark.slow
 def test_installed_command_works_from_any_folder(tmp_path):
     """pip-installed (not editable) into a venv that sees this environment's packages, then run from a
     folder that is not the checkout: --help, caption with the shipped model, train on a tiny dataset with
     a named config, caption with the trained checkpoint, and resume with the run's stored paths."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    py = venv / "bin" / "python"
+    py = make_venv_seeing_this_environment(venv)
     build = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(".git", "runs", "cache", "*.egg-info", "build",
                                                              "__pycache__", ".pytest_cache"))
