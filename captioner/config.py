@@ -32,6 +32,10 @@ class DataConfig:
     max_len: int = 20  # captions longer than this many words are truncated for training
     strict: bool = False  # missing images / malformed lines are errors instead of counted skips
     cache_dir: str = "cache"  # feature cache
+    # A dataset without a val split gives this fraction of its training images (at least one) as dev,
+    # chosen by image from holdout_seed and the images' paths (captioner/data/holdout.py); 0: no holdout.
+    holdout: float = 0.05
+    holdout_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ def validate(cfg: Config) -> Config:
         (d.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}"),
         (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),
         (d.max_len > 0, f"data.max_len must be positive, got {d.max_len}"),
+        (0.0 <= d.holdout < 1.0, f"data.holdout must be in [0, 1), got {d.holdout}"),
     ]
     for ok, message in checks:
         if not ok:

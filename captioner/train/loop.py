@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from captioner import checkpoint, distributed
 from captioner.atomic import atomic_write_text
 from captioner.config import Config, from_dict, load_config, to_dict, to_toml, validate
+from captioner.data import holdout
 from captioner.data.dataset import CaptionDataset, Collate
 from captioner.device import resolve_device
 from captioner.errors import CaptionerError, NonFiniteLoss
@@ -51,11 +52,14 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     resumed: checkpoint.TrainingState | None = None
     resumed_model = None
     vocab = None
+    recorded = None  # the held-out dev images a resumed run started with
     if resume:
         if last_path.is_file():
             resumed_model, resumed = checkpoint.read_training(last_path)
             cfg = validate(from_dict(resumed.config))
             vocab = resumed_model.vocab
+            if resumed_model.checkpoint.get("holdout") is not None:
+                recorded = holdout.Holdout.from_dict(resumed_model.checkpoint["holdout"], str(last_path))
         elif (run_dir / "config.toml").is_file():
             # Stopped before its first epoch ended: nothing was trained yet, so start afresh from its config.
             log.info("%s has no %s yet (stopped before its first epoch ended): starting it afresh from its "
@@ -79,7 +83,11 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         announce(precision)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    data = prepare_data(cfg, vocab, dist, precision)
+    data = prepare_data(cfg, vocab, dist, precision, recorded)
+    if dist.is_main and data.holdout is not None:
+        holdout.write(run_dir, data.holdout)
+        log.info("%s has no val split: %s; listed in %s", cfg.data.root, data.holdout.describe(),
+                 run_dir / holdout.FILE_NAME)
     vocab, source = data.vocab, data.features
     train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
@@ -153,8 +161,11 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                 if dist.is_main:
                     state = checkpoint.TrainingState(to_dict(cfg), trainer.optimizer.state_dict(), epoch,
                                                      trainer.step, best, bad_epochs, metrics)
-                    write_epoch(run_dir, entry, metrics, improved, checkpoint.training_payload(
-                        model, vocab, source.spec(), state, source.encoder_state()))
+                    payload = checkpoint.training_payload(model, vocab, source.spec(), state,
+                                                          source.encoder_state())
+                    if data.holdout is not None:
+                        payload["holdout"] = data.holdout.to_dict()
+                    write_epoch(run_dir, entry, metrics, improved, payload)
                 dist.barrier()
             first = end
     finally:
