@@ -19,7 +19,7 @@ from captioner.errors import CaptionerError
 CELLS = ("rnn", "lstm", "gru")
 CONDITIONING = ("inject", "init", "both")
 SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
-DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco")
+DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "imagefolder")
 PRECISIONS = ("auto", "fp32", "bf16")  # captioner.precision.PRECISIONS (config.py imports no torch)
 POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.POOLINGS (config imports no torch)
 
@@ -27,7 +27,7 @@ POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.P
 @dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # dataset root; the --data flag sets it
-    format: str = "auto"  # flickr | kaggle | karpathy | coco | auto (detected)
+    format: str = "auto"  # flickr | kaggle | karpathy | coco | imagefolder | auto (detected)
     min_count: int = 5  # words seen fewer times in train become <unk>
     max_len: int = 20  # captions longer than this many words are truncated for training
     strict: bool = False  # missing images / malformed lines are errors instead of counted skips
