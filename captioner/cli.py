@@ -101,6 +101,7 @@ def _train(sub) -> None:
                        description="""Train a captioner from cached image features.
 
     captioner train --config flickr8k --data PATH [--set model.cell=gru ...] [--run-dir DIR]
+    captioner train --init-from flickr8k --data PATH [--config tiny]
     captioner train --resume RUN_DIR""")
     p.add_argument("--config", help="a config name (flickr8k, tiny, levers/gru, ...) or a TOML file; "
                                     "defaults apply to what it leaves out")
@@ -109,6 +110,10 @@ def _train(sub) -> None:
                    help="override one config value; repeatable")
     p.add_argument("--run-dir", help="where the config, log and checkpoints go (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from this model's weights, vocabulary and encoder (a checkpoint file, or "
+                        "a shipped model's name: flickr8k); its architecture replaces the config's model section, "
+                        "and without --config its own training config applies")
 
 
 def _evaluate(sub) -> None:

@@ -92,6 +92,9 @@ class TrainConfig:
     scst_bad_ending_penalty: float = 0.0  # subtracted from the reward of a caption that ends badly
     scst_repeat_penalty: float = 0.0  # subtracted from the reward of a caption with a word twice in a row
     seed: int = 0
+    # Start from this model's weights, vocabulary and encoder: a checkpoint file or a shipped model's name
+    # (`captioner train --init-from`, which also takes the architecture from it); "": from scratch.
+    init_from: str = ""
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
 

@@ -26,6 +26,7 @@ from captioner.device import resolve_device
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import announce, resolve as resolve_precision
+from captioner.train.init_from import load_init, report_unknown_words
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
@@ -83,7 +84,21 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         announce(precision)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    init = None
+    if cfg.train.init_from and resumed is None:  # a resumed run's weights and vocabulary are in last.pt
+        init = load_init(cfg)
+        vocab = init.vocab
+        if dist.is_main:
+            log.info("starting from %s: %s decoder, vocabulary of %d words", cfg.train.init_from,
+                     cfg.model.cell, len(vocab))
     data = prepare_data(cfg, vocab, dist, precision, recorded)
+    if init is not None:
+        differs = data.features.spec().differences(init.encoder_spec())
+        if differs:
+            raise CaptionerError(f"train.init_from {cfg.train.init_from}: trained on {cfg.encoder.name} features "
+                                 f"with other settings ({', '.join(differs)}) than this install's encoder provides")
+        if dist.is_main:
+            report_unknown_words(data.train, vocab, cfg.train.init_from)
     if dist.is_main and data.holdout is not None:
         holdout.write(run_dir, data.holdout)
         log.info("%s has no val split: %s; listed in %s", cfg.data.root, data.holdout.describe(),
@@ -103,6 +118,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     epoch, best, bad_epochs = 0, None, 0
     step = 0
+    if init is not None:
+        checkpoint.load_state(model, init.model.state_dict(), cfg.train.init_from)
     if resumed is not None:
         checkpoint.load_state(model, resumed_model.model.state_dict(), last_path)
         if source.encoder is not None:
