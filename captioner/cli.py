@@ -124,11 +124,14 @@ present, extracting what is missing), prints BLEU-1..4, METEOR, ROUGE-L and CIDE
 the number of images scored, and with --json writes the per-image captions, references and
 scores plus the totals; with --html, a gallery page of every scored image with its caption,
 references and scores, worst CIDEr first. Without --split it scores the test split when the
-data has one, else val (and says so).""")
+data has one, else val (and says so). On data without a val split (coco-mini, your own photos)
+val is the slice of training images that --checkpoint held out as dev when it was trained.""")
     _decoding(p)
     p.add_argument("--data", required=True, help="dataset root, any layout the readers know")
     p.add_argument("--format", default="auto", help="force the dataset format (auto: detected)")
-    p.add_argument("--split", help="train, val (or dev), test (default: test when the data has one, else val)")
+    p.add_argument("--split", help="train, val (or dev), test (default: test when the data has one, else val); on "
+                                   "data without val, val is the slice of training images the checkpoint held "
+                                   "out as dev, and train the rest")
     p.add_argument("--cache-dir", default="cache", help="feature cache")
     p.add_argument("--limit", type=int, default=0, help="score only the split's first N images (0: all)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")

@@ -160,7 +160,8 @@ def test_evaluate_scores_the_recorded_slice(no_val_data, tmp_path, caplog):
     assert scored[None] == (set(listed), "val")  # no test split: val, the held-out slice
     assert scored["train"][1] == "train" and len(scored["train"][0]) == 9
     assert not scored["train"][0] & set(listed)  # train here means what the model trained on
-    assert f"its val is the 3 training images held out as dev when {ckpt} was trained" in caplog.text
+    assert f"has no val split: val is the 3 training images that {ckpt} held out as dev (data.holdout = 0.25, " \
+           "seed 0), train the others" in caplog.text
     # The shipped model records no slice: the data has no val split to score.
     with pytest.raises(CaptionerError, match="no val split"):
         evaluate_command.run(eval_args(data=str(no_val_data), split="val", cache_dir=str(tmp_path / "cache")))

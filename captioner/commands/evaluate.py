@@ -63,9 +63,8 @@ def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[
                              f"are among its training images (first: {missing[0]}); is this the dataset it "
                              "was trained on?")
     report(first, f"held-out dev images it records are not among {data}'s training images", missing, False)
-    log.info("%s has no val split: its val is the %d training images held out as dev when %s was trained "
-             "(data.holdout = %g, seed %d), and its train the rest", data, len(held.images) - len(missing),
-             first, held.fraction, held.seed)
+    log.info("%s has no val split: val is the %d training images that %s held out as dev (data.holdout = %g, "
+             "seed %d), train the others", data, len(held.images) - len(missing), first, held.fraction, held.seed)
     return out
 
 
