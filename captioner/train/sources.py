@@ -86,11 +86,12 @@ def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist
     if not val:
         raise CaptionerError(f"{cfg.data.root}: the dataset has no val/dev images to select a model on "
                              f"(set data.holdout above 0 to hold some training images out as dev)")
-    if vocab is None:
+    built = vocab is None
+    if built:
         vocab = Vocabulary.build((c for r in train for c in r.captions), min_count=cfg.data.min_count)
     if dist.is_main:
-        log.info("%d train and %d val images; vocabulary of %d words (min_count %d)",
-                 len(train), len(val), len(vocab), cfg.data.min_count)
+        log.info("%d train and %d val images; vocabulary of %d words (%s)", len(train), len(val), len(vocab),
+                 f"min_count {cfg.data.min_count}" if built else "the model's own")
     encoder = build_encoder(cfg.encoder.name, flip_average=cfg.encoder.flip_average, pooling=cfg.encoder.pooling)
     if cfg.encoder.fine_tune > 0:  # images go through the CNN at every step: the cache is bypassed
         return Prepared(train, val, vocab, FineTunedFeatures(encoder.unfreeze_last(cfg.encoder.fine_tune),
