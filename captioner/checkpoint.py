@@ -345,5 +345,7 @@ def export(src: str | Path, dst: str | Path) -> Path:
         "step": ckpt.get("step"),
         "dev_metrics": ckpt.get("metrics"),
     }
+    if ckpt.get("holdout") is not None:  # the training images it was selected on (captioner.data.holdout)
+        payload["holdout"] = ckpt["holdout"]
     save(dst, payload)
     return Path(dst)

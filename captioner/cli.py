@@ -101,6 +101,7 @@ def _train(sub) -> None:
                        description="""Train a captioner from cached image features.
 
     captioner train --config flickr8k --data PATH [--set model.cell=gru ...] [--run-dir DIR]
+    captioner train --init-from flickr8k --data PATH [--config tiny]
     captioner train --resume RUN_DIR""")
     p.add_argument("--config", help="a config name (flickr8k, tiny, levers/gru, ...) or a TOML file; "
                                     "defaults apply to what it leaves out")
@@ -109,6 +110,10 @@ def _train(sub) -> None:
                    help="override one config value; repeatable")
     p.add_argument("--run-dir", help="where the config, log and checkpoints go (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from this model's weights, vocabulary and encoder (a checkpoint file, or "
+                        "a shipped model's name: flickr8k); its architecture replaces the config's model section, "
+                        "and without --config its own training config applies")
 
 
 def _evaluate(sub) -> None:
@@ -119,11 +124,14 @@ present, extracting what is missing), prints BLEU-1..4, METEOR, ROUGE-L and CIDE
 the number of images scored, and with --json writes the per-image captions, references and
 scores plus the totals; with --html, a gallery page of every scored image with its caption,
 references and scores, worst CIDEr first. Without --split it scores the test split when the
-data has one, else val (and says so).""")
+data has one, else val (and says so). On data without a val split (coco-mini, your own photos)
+val is the slice of training images that --checkpoint held out as dev when it was trained.""")
     _decoding(p)
     p.add_argument("--data", required=True, help="dataset root, any layout the readers know")
     p.add_argument("--format", default="auto", help="force the dataset format (auto: detected)")
-    p.add_argument("--split", help="train, val (or dev), test (default: test when the data has one, else val)")
+    p.add_argument("--split", help="train, val (or dev), test (default: test when the data has one, else val); on "
+                                   "data without val, val is the slice of training images the checkpoint held "
+                                   "out as dev, and train the rest")
     p.add_argument("--cache-dir", default="cache", help="feature cache")
     p.add_argument("--limit", type=int, default=0, help="score only the split's first N images (0: all)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")

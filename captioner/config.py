@@ -19,7 +19,7 @@ from captioner.errors import CaptionerError
 CELLS = ("rnn", "lstm", "gru")
 CONDITIONING = ("inject", "init", "both")
 SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
-DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco")
+DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "imagefolder")
 PRECISIONS = ("auto", "fp32", "bf16")  # captioner.precision.PRECISIONS (config.py imports no torch)
 POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.POOLINGS (config imports no torch)
 
@@ -27,11 +27,15 @@ POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.P
 @dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # dataset root; the --data flag sets it
-    format: str = "auto"  # flickr | kaggle | karpathy | coco | auto (detected)
+    format: str = "auto"  # flickr | kaggle | karpathy | coco | imagefolder | auto (detected)
     min_count: int = 5  # words seen fewer times in train become <unk>
     max_len: int = 20  # captions longer than this many words are truncated for training
     strict: bool = False  # missing images / malformed lines are errors instead of counted skips
     cache_dir: str = "cache"  # feature cache
+    # A dataset without a val split gives this fraction of its training images (at least one) as dev,
+    # chosen by image from holdout_seed and the images' paths (captioner/data/holdout.py); 0: no holdout.
+    holdout: float = 0.05
+    holdout_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class TrainConfig:
     scst_bad_ending_penalty: float = 0.0  # subtracted from the reward of a caption that ends badly
     scst_repeat_penalty: float = 0.0  # subtracted from the reward of a caption with a word twice in a row
     seed: int = 0
+    # Start from this model's weights, vocabulary and encoder: a checkpoint file or a shipped model's name
+    # (`captioner train --init-from`, which also takes the architecture from it); "": from scratch.
+    init_from: str = ""
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
 
@@ -152,6 +159,7 @@ def validate(cfg: Config) -> Config:
         (d.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}"),
         (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),
         (d.max_len > 0, f"data.max_len must be positive, got {d.max_len}"),
+        (0.0 <= d.holdout < 1.0, f"data.holdout must be in [0, 1), got {d.holdout}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -213,7 +213,7 @@ def test_karpathy_preferred_over_coco_and_format_forcing(tmp_path):
     assert all(r.image.parent.name.endswith("2017") for r in forced)
     with pytest.raises(CaptionerError, match="unknown dataset format 'flickr9k'"):
         load_records(tmp_path, format="flickr9k")
-    assert set(FORMATS) == {"flickr", "kaggle", "karpathy", "coco"}
+    assert set(FORMATS) == {"flickr", "kaggle", "karpathy", "coco", "imagefolder"}
 
 
 def test_forced_format_that_is_absent_names_the_file(tmp_path):

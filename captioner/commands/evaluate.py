@@ -7,7 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from captioner.data.records import SPLITS, load_records, normalize_split
+from captioner import checkpoint
+from captioner.data.holdout import Holdout
+from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
 from captioner.commands import guards_of
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
@@ -39,12 +41,41 @@ def pick_split(asked: str | None, present: set[str], data: str) -> str:
                          f"{', '.join(have) or 'no images'}); pass --split")
 
 
+def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[Record]:
+    """For data without a val split: the training images held out as dev when the checkpoint was trained
+    (recorded in it, see captioner.data.holdout) become its val split, and leave train. Unchanged when
+    the checkpoints record no such slice."""
+    recorded = {}
+    for path in paths:
+        raw = checkpoint.read(path).get("holdout")
+        if raw is not None:
+            recorded[path] = Holdout.from_dict(raw, str(path))
+    if not recorded:
+        return records
+    first, held = next(iter(recorded.items()))
+    for path, other in recorded.items():
+        if set(other.images) != set(held.images):
+            raise CaptionerError(f"{first} and {path} were selected on different held-out dev images; "
+                                 "evaluate them one at a time")
+    out, missing = held.apply(records, data)
+    if len(missing) == len(held.images):
+        raise CaptionerError(f"{data}: none of the {len(held.images)} held-out dev images recorded in {first} "
+                             f"are among its training images (first: {missing[0]}); is this the dataset it "
+                             "was trained on?")
+    report(first, f"held-out dev images it records are not among {data}'s training images", missing, False)
+    log.info("%s has no val split: val is the %d training images that %s held out as dev (data.holdout = %g, "
+             "seed %d), train the others", data, len(held.images) - len(missing), first, held.fraction, held.seed)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
     if args.html:
         check_page_path(args.html)
     all_records = load_records(args.data, format=args.format)
+    if not any(r.split == "val" for r in all_records):
+        all_records = held_out_as_val(all_records, args.checkpoint, args.data)
     split = pick_split(args.split, {r.split for r in all_records}, str(args.data))
     records = [r for r in all_records if r.split == split]
     device = resolve_device(args.device)

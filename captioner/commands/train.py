@@ -8,17 +8,21 @@ from pathlib import Path
 
 from captioner.config import config_name, load_config
 from captioner.errors import CaptionerError
+from captioner.train.init_from import init_config
 from captioner.train.loop import fit
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
-        if args.config or args.data or args.set:
-            raise CaptionerError("--resume takes the run's own config; drop --config/--data/--set")
+        if args.config or args.data or args.set or args.init_from:
+            raise CaptionerError("--resume takes the run's own config; drop --config/--data/--set/--init-from")
         fit(None, Path(args.resume), resume=True)
         return 0
     overrides = list(args.set) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
+    init_from = args.init_from or cfg.train.init_from
+    if init_from:  # the architecture, weights and vocabulary come from that model
+        cfg = init_config(args.config, overrides, init_from)
     # The run directory stores absolute paths, so `--resume` works from any folder.
     data = cfg.data
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(

@@ -5,4 +5,4 @@ means `load_records` knows every format whichever module was imported first, and
 never imports its members.
 """
 
-from captioner.data.readers import coco, flickr, karpathy  # noqa: F401  (registers the readers)
+from captioner.data.readers import coco, flickr, imagefolder, karpathy  # noqa: F401  (registers the readers)

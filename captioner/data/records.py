@@ -1,6 +1,6 @@
 """Dataset records: one image, its reference captions and its split, whatever format it came from.
 
-Every reader (flickr.py, karpathy.py, coco.py) turns one on-disk layout into a list of `Record`s; the rest
+Every reader (flickr.py, karpathy.py, coco.py, imagefolder.py) turns one on-disk layout into a list of `Record`s; the rest
 of the package sees records only. `load_records` picks the reader, either the one named by `format` or the
 one whose files are found under `root` (see `detect_format`), and filters and sorts what it returns.
 
@@ -60,7 +60,7 @@ FORMATS: dict[str, Callable[[Path, bool], list[Record]]] = {}
 # When several formats are present under one root, the first in this order wins. Karpathy's json comes
 # before the official COCO annotations because it is the split papers report on (and it carries a test
 # split, which the official annotations lack).
-_DETECTION_ORDER = ("karpathy", "coco", "flickr", "kaggle")
+_DETECTION_ORDER = ("karpathy", "coco", "flickr", "kaggle", "imagefolder")
 
 
 def register(name: str, detect: Callable[[Path], bool], looks_for: str):
@@ -129,6 +129,31 @@ def keep_existing(images: Mapping[str, Path], source: Path | str, where: str, st
             missing.append(name)
     report(source, f"captioned images not found in {where}", missing, strict)
     return present
+
+
+def read_lines(path: Path, strict: bool) -> list[str]:
+    """The lines of a text file, tolerant of what real downloads contain.
+
+    CRLF or LF endings, a byte-order mark, a last line without newline. Bytes that are not UTF-8 are
+    replaced (U+FFFD) after one warning naming the file and the first bad line, since losing a character
+    of one caption is better than refusing the dataset; `strict` makes it an error.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CaptionerError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        message = f"{path}: bytes that are not UTF-8, first at line {line}"
+        if strict:
+            raise CaptionerError(message) from None
+        log.warning("%s; replaced with U+FFFD", message)
+        text = raw.decode("utf-8-sig", errors="replace")
+    # split("\n") rather than splitlines(): the latter also breaks on characters such as \x1c or U+2028
+    # that can sit inside a caption.
+    return [line.rstrip("\r") for line in text.split("\n")]
 
 
 def sort_records(records: Iterable[Record]) -> list[Record]:

@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader
 from captioner import checkpoint, distributed
 from captioner.atomic import atomic_write_text
 from captioner.config import Config, from_dict, load_config, to_dict, to_toml, validate
+from captioner.data import holdout
 from captioner.data.dataset import CaptionDataset, Collate
 from captioner.device import resolve_device
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import announce, resolve as resolve_precision
+from captioner.train.init_from import load_init, report_unknown_words
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
@@ -51,11 +53,14 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     resumed: checkpoint.TrainingState | None = None
     resumed_model = None
     vocab = None
+    recorded = None  # the held-out dev images a resumed run started with
     if resume:
         if last_path.is_file():
             resumed_model, resumed = checkpoint.read_training(last_path)
             cfg = validate(from_dict(resumed.config))
             vocab = resumed_model.vocab
+            if resumed_model.checkpoint.get("holdout") is not None:
+                recorded = holdout.Holdout.from_dict(resumed_model.checkpoint["holdout"], str(last_path))
         elif (run_dir / "config.toml").is_file():
             # Stopped before its first epoch ended: nothing was trained yet, so start afresh from its config.
             log.info("%s has no %s yet (stopped before its first epoch ended): starting it afresh from its "
@@ -79,7 +84,25 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         announce(precision)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    data = prepare_data(cfg, vocab, dist, precision)
+    init = None
+    if cfg.train.init_from and resumed is None:  # a resumed run's weights and vocabulary are in last.pt
+        init = load_init(cfg)
+        vocab = init.vocab
+        if dist.is_main:
+            log.info("starting from %s: %s decoder, vocabulary of %d words", cfg.train.init_from,
+                     cfg.model.cell, len(vocab))
+    data = prepare_data(cfg, vocab, dist, precision, recorded)
+    if init is not None:
+        differs = data.features.spec().differences(init.encoder_spec())
+        if differs:
+            raise CaptionerError(f"train.init_from {cfg.train.init_from}: trained on {cfg.encoder.name} features "
+                                 f"with other settings ({', '.join(differs)}) than this install's encoder provides")
+        if dist.is_main:
+            report_unknown_words(data.train, vocab, cfg.train.init_from)
+    if dist.is_main and data.holdout is not None:
+        holdout.write(run_dir, data.holdout)
+        log.info("%s has no val split: %s; listed in %s", cfg.data.root, data.holdout.describe(),
+                 run_dir / holdout.FILE_NAME)
     vocab, source = data.vocab, data.features
     train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
@@ -95,6 +118,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     epoch, best, bad_epochs = 0, None, 0
     step = 0
+    if init is not None:
+        checkpoint.load_state(model, init.model.state_dict(), cfg.train.init_from)
     if resumed is not None:
         checkpoint.load_state(model, resumed_model.model.state_dict(), last_path)
         if source.encoder is not None:
@@ -153,8 +178,11 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                 if dist.is_main:
                     state = checkpoint.TrainingState(to_dict(cfg), trainer.optimizer.state_dict(), epoch,
                                                      trainer.step, best, bad_epochs, metrics)
-                    write_epoch(run_dir, entry, metrics, improved, checkpoint.training_payload(
-                        model, vocab, source.spec(), state, source.encoder_state()))
+                    payload = checkpoint.training_payload(model, vocab, source.spec(), state,
+                                                          source.encoder_state())
+                    if data.holdout is not None:
+                        payload["holdout"] = data.holdout.to_dict()
+                    write_epoch(run_dir, entry, metrics, improved, payload)
                 dist.barrier()
             first = end
     finally:

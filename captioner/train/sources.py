@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from captioner.config import Config, EncoderConfig
+from captioner.data import holdout
 from captioner.data.dataset import Batch, CaptionDataset, Collate
+from captioner.data.holdout import Holdout
 from captioner.data.records import Record, load_records
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
@@ -60,36 +62,64 @@ class Prepared:
     val: list[Record]
     vocab: Vocabulary
     features: FeatureSource
+    holdout: Holdout | None = None  # the training images held out as dev, when the dataset has no val split
 
 
 def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist(),
-                 precision: Precision = FP32) -> Prepared:
+                 precision: Precision = FP32, recorded: Holdout | None = None) -> Prepared:
     """Read the dataset, build (or reuse) the vocabulary, and make sure every image has a cached v
-    (extracted in `precision`, and cached apart from features of another precision)."""
+    (extracted in `precision`, and cached apart from features of another precision).
+
+    A dataset without a val split gives a slice of its training images as dev (captioner.data.holdout):
+    `recorded`, the slice a resumed run started with, or one chosen from data.holdout and holdout_seed."""
     if not cfg.data.root:
         raise CaptionerError("no dataset given: pass --data ROOT (or set data.root in the config)")
     records = load_records(cfg.data.root, format=cfg.data.format, strict=cfg.data.strict)
+    if not any(r.split == "train" for r in records):
+        raise CaptionerError(f"{cfg.data.root}: the dataset has no training images")
+    if not any(r.split == "val" for r in records) and (recorded is not None or cfg.data.holdout > 0):
+        records, held = _hold_out(records, cfg, recorded, dist)
+    else:
+        held = None
     train = [r for r in records if r.split == "train"]
     val = [r for r in records if r.split == "val"]
-    if not train:
-        raise CaptionerError(f"{cfg.data.root}: the dataset has no training images")
     if not val:
-        raise CaptionerError(f"{cfg.data.root}: the dataset has no val/dev images to select a model on")
-    if vocab is None:
+        raise CaptionerError(f"{cfg.data.root}: the dataset has no val/dev images to select a model on "
+                             f"(set data.holdout above 0 to hold some training images out as dev)")
+    built = vocab is None
+    if built:
         vocab = Vocabulary.build((c for r in train for c in r.captions), min_count=cfg.data.min_count)
     if dist.is_main:
-        log.info("%d train and %d val images; vocabulary of %d words (min_count %d)",
-                 len(train), len(val), len(vocab), cfg.data.min_count)
+        log.info("%d train and %d val images; vocabulary of %d words (%s)", len(train), len(val), len(vocab),
+                 f"min_count {cfg.data.min_count}" if built else "the model's own")
     encoder = build_encoder(cfg.encoder.name, flip_average=cfg.encoder.flip_average, pooling=cfg.encoder.pooling)
     if cfg.encoder.fine_tune > 0:  # images go through the CNN at every step: the cache is bypassed
         return Prepared(train, val, vocab, FineTunedFeatures(encoder.unfreeze_last(cfg.encoder.fine_tune),
-                                                             [r.image for r in train + val], cfg.encoder))
+                                                             [r.image for r in train + val], cfg.encoder), held)
     paths = [r.image for r in train + val]
     store = extract_features(encoder, paths, Path(cfg.data.cache_dir), batch_size=cfg.encoder.batch_size,
                              num_workers=cfg.encoder.num_workers, dist=dist, precision=precision)
     train = [r for r in train if r.image in store]
     val = [r for r in val if r.image in store]
-    return Prepared(train, val, vocab, CachedFeatures(store))
+    return Prepared(train, val, vocab, CachedFeatures(store), held)
+
+
+def _hold_out(records: list[Record], cfg: Config, recorded: Holdout | None,
+              dist: Dist) -> tuple[list[Record], Holdout]:
+    """The records with a slice of the training images relabelled val, and that slice."""
+    root = cfg.data.root
+    chosen = holdout.choose(records, root, cfg.data.holdout, cfg.data.holdout_seed) if cfg.data.holdout > 0 else None
+    held = recorded or chosen
+    records, missing = held.apply(records, root)
+    if missing:
+        raise CaptionerError(f"{root}: {len(missing)} of the {len(held.images)} held-out dev images this run "
+                             f"started with are no longer among the training images (first: {missing[0]}); "
+                             "the dataset changed, so start a new run")
+    if dist.is_main:
+        if recorded is not None and chosen is not None and chosen.images != recorded.images:
+            log.warning("%s: the training images changed since this run started (%d now, %d then); keeping "
+                        "the dev images it started with", root, chosen.of, recorded.of)
+    return records, held
 
 
 class CachedFeatures:

@@ -18,7 +18,7 @@ import csv
 import io
 from pathlib import Path
 
-from captioner.data.records import Record, hash_split, keep_existing, log, register, report
+from captioner.data.records import Record, hash_split, keep_existing, log, read_lines, register, report
 from captioner.errors import CaptionerError
 
 _TEXT_DIRS = (".", "Flickr8k_text", "Flickr30k_text")
@@ -30,31 +30,6 @@ _KAGGLE_CSV = "captions.txt"
 # Entries of the official token files that name no image: Flickr8k's has five captions for
 # "2258277193_586949ec62.jpg.1", a name that no image file has and no split file lists.
 KNOWN_BAD_ENTRIES = frozenset({"2258277193_586949ec62.jpg.1"})
-
-
-def read_lines(path: Path, strict: bool) -> list[str]:
-    """The lines of a text file, tolerant of what real downloads contain.
-
-    CRLF or LF endings, a byte-order mark, a last line without newline. Bytes that are not UTF-8 are
-    replaced (U+FFFD) after one warning naming the file and the first bad line, since losing a character
-    of one caption is better than refusing the dataset; `strict` makes it an error.
-    """
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CaptionerError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        message = f"{path}: bytes that are not UTF-8, first at line {line}"
-        if strict:
-            raise CaptionerError(message) from None
-        log.warning("%s; replaced with U+FFFD", message)
-        text = raw.decode("utf-8-sig", errors="replace")
-    # split("\n") rather than splitlines(): the latter also breaks on characters such as \x1c or U+2028
-    # that can sit inside a caption.
-    return [line.rstrip("\r") for line in text.split("\n")]
 
 
 def _find_image_dir(root: Path) -> Path:
