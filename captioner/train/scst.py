@@ -45,6 +45,7 @@ from captioner.eval.fluency import ends_badly, repeated_word
 from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
+from captioner.model.output import Targets
 from captioner.model.search import captioning_policy, greedy, sample
 from captioner.precision import FP32, Precision
 
@@ -100,14 +101,21 @@ def rewards(data: RewardData, keys, captions: list[list[int]], vocab: Vocabulary
     return out
 
 
+def policy_weights(token_adv: torch.Tensor, token_is_end: torch.Tensor, end_weight: float = 1.0) -> torch.Tensor:
+    """Each sampled token's weight on its -log p in the REINFORCE loss: (r - b) / N, the <end> terms times
+    end_weight (so the weight changes the <end> share, not the other tokens' scale)."""
+    weights = token_adv / token_adv.numel()
+    if end_weight != 1.0:
+        weights = weights * torch.where(token_is_end, end_weight, 1.0)
+    return weights
+
+
 def policy_loss(token_logp: torch.Tensor, token_adv: torch.Tensor, token_is_end: torch.Tensor,
                 end_weight: float = 1.0) -> torch.Tensor:
     """REINFORCE over the N sampled tokens: -(r - b) * log p(token), the <end> terms weighted by end_weight,
-    averaged over the N tokens (so the weight changes the <end> share, not the other tokens' scale)."""
-    terms = token_adv * token_logp
-    if end_weight != 1.0:
-        terms = terms * torch.where(token_is_end, end_weight, 1.0)
-    return -terms.sum() / token_logp.numel()
+    averaged over the N tokens. Training computes the same sum chunked over the tokens, from the
+    weights above (captioner.model.output), without building the (N, V) log-probabilities."""
+    return -(policy_weights(token_adv, token_is_end, end_weight) * token_logp).sum()
 
 
 def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end_id: int,
@@ -173,14 +181,11 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         inputs, targets = inputs.to(device), targets.to(device)
         mask = targets != vocab.pad_id
         optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits = model(repeated, inputs, mask)  # (N, V), N real tokens, row-major over (B*K, T)
-        logits = logits.float()
-        logits[:, suppressed.to(device)] = float("-inf")
-        token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[mask][:, None]).squeeze(1)
-        token_adv = advantage[:, None].expand_as(mask)[mask]
         n = int(mask.sum())
-        loss = policy_loss(token_logp, token_adv, targets[mask] == vocab.end_id, cfg.scst_end_weight)
+        ids = targets[mask]
+        weights = policy_weights(advantage[:, None].expand_as(mask)[mask], ids == vocab.end_id, cfg.scst_end_weight)
+        with precision.autocast():  # policy_loss, chunked over the N tokens (captioner.model.output)
+            loss = model(repeated, inputs, mask, Targets(ids, weights, suppressed=suppressed))
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
         loss.backward()
