@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from captioner.precision import FP32, Precision
 log = logging.getLogger("captioner")
 
 BASELINES = ("greedy", "mean")
+# The parts of an SCST step, timed: drawing the samples, their CIDEr-D rewards, the greedy baseline's
+# decoding and rewards, and the policy-gradient pass (teacher-forced forward, backward, optimizer step).
+PARTS = ("sample", "reward", "baseline", "gradient")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ScstResult:
     sample_reward: float  # mean CIDEr-D of the sampled captions
     greedy_reward: float  # mean CIDEr-D of the greedy captions (nan with the "mean" baseline)
     step: int
+    seconds: dict[str, float] = field(default_factory=dict)  # where the epoch's time went: PARTS
 
 
 class RewardData:
@@ -152,6 +156,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
     order = torch.randperm(len(data), generator=generator).numpy()
     batches = [order[i:i + cfg.scst_batch_size] for i in range(0, len(order), cfg.scst_batch_size)]
     totals = {"loss": 0.0, "tokens": 0, "sample": 0.0, "greedy": 0.0, "n": 0}
+    seconds = dict.fromkeys(PARTS, 0.0)
     start = time.perf_counter()
     # disable=None: no bar where stderr is not a terminal
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
@@ -163,10 +168,13 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         repeated = feats.repeat_interleave(K, dim=0)  # (B*K, F): image i's samples are rows iK..iK+K-1
         keys = np.repeat(idx, K)
         model.eval()  # dropout off: sample, baseline and gradient all belong to the test-time policy
+        t0 = time.perf_counter()
         with torch.no_grad(), precision.autocast():
             drawn = sample(policy, repeated, max_len=max_len, generator=generator,
                            start_id=vocab.start_id, end_id=vocab.end_id)
+            t1 = time.perf_counter()
             reward = rewards(data, keys, drawn, vocab, cfg)
+            t2 = time.perf_counter()
             if cfg.scst_baseline == "greedy":
                 base_caps = greedy(policy, feats, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
                 base = rewards(data, idx, base_caps, vocab, cfg)
@@ -176,6 +184,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
                 per_image = reward.view(-1, K)
                 baseline = ((per_image.sum(1, keepdim=True) - per_image) / max(1, K - 1)).view(-1)
         advantage = (reward - baseline).to(device)
+        t3 = time.perf_counter()
 
         inputs, targets = sequence_tensors(drawn, max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
         inputs, targets = inputs.to(device), targets.to(device)
@@ -192,6 +201,8 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
+        for part, seconds_taken in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            seconds[part] += seconds_taken
         totals["loss"] += loss.item() * n
         totals["tokens"] += n
         totals["sample"] += float(reward.sum())
@@ -201,4 +212,4 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
     n_img = max(1, totals["n"])
     return ScstResult(loss=totals["loss"] / max(1, totals["tokens"]), sample_reward=totals["sample"] / (n_img * K),
                       greedy_reward=totals["greedy"] / n_img if cfg.scst_baseline == "greedy" else float("nan"),
-                      step=step)
+                      step=step, seconds=seconds)
