@@ -1,22 +1,28 @@
 """Teacher-forced training throughput (tokens/s) of the decoder, at Flickr8k sizes, fp32 and bf16 in one run:
 
 1. CaptionDecoder for each cell (fused nn.RNN / nn.LSTM / nn.GRU kernels over whole sequences), the
-   training step as train.py runs it (autocast for bf16, fp32 loss and AdamW state);
+   training step as train.py runs it (autocast for bf16, fp32 loss and AdamW state), with each form of the
+   output layer and loss side by side: "chunked" (captioner.model.output: a few hundred tokens at a time,
+   what training runs) and "plain" (the whole (tokens, vocabulary) logits, their fp32 copy, F.cross_entropy);
 2. a naive per-step nn.LSTMCell loop of the same sizes, fp32 (what "fast by construction" avoids);
 3. the bound set by the matrix multiplies alone: the same GEMMs (forward and both backward products of
    the input, recurrent, image and output projections) timed with torch.mm on tensors of that precision.
    Each model's "% of bound" is its step time against the bound of its own precision.
 
     python benchmarks/train_speed.py [--batch 128 --length 16 --embed 512 --hidden 512 --vocab 3000]
-                                     [--precisions fp32,bf16] [--iters 5]
+                                     [--precisions fp32,bf16] [--losses chunked,plain] [--iters 5]
 
-Numbers are wall-clock on whatever machine runs it; compare the ratios printed side by side. bf16 is
-measured even where the CPU emulates it (the log line says so): there it is expected to be slower.
+Numbers are wall-clock on whatever machine runs it; compare the ratios printed side by side. The variants
+of one precision are timed in interleaved rounds and each keeps its best round, so a busy machine
+disturbs them alike. "faults/step" counts the minor page faults of one step (fresh memory the kernel had
+to map): the cost of large temporaries. bf16 is measured even where the CPU emulates it (the log line
+says so): there it is expected to be slower.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -25,6 +31,7 @@ from torch import nn
 
 from captioner.config import ModelConfig
 from captioner.model.decoder import CaptionDecoder
+from captioner.model.output import Targets
 from captioner.precision import resolve
 from timing import gemm_seconds  # benchmarks/timing.py, beside this script
 
@@ -59,13 +66,36 @@ class NaiveLSTM(nn.Module):
         return torch.stack(outs, 1)
 
 
-def train_step(model, opt, feats, inputs, targets, precision=None):
+def train_step(model, opt, feats, inputs, targets, precision=None, loss="plain"):
     opt.zero_grad(set_to_none=True)
     with precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False):
-        logits = model(feats, inputs)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    loss.backward()
+        if loss == "chunked":  # as training runs it: the scored tokens' loss, chunked (captioner.model.output)
+            mask = targets != 0
+            out = model(feats, inputs, mask, Targets(targets[mask], 1.0 / targets.numel()))
+        else:
+            logits = model(feats, inputs)
+    if loss != "chunked":
+        out = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    out.backward()
     opt.step()
+
+
+def interleaved(steps: dict, warmup: int, iters: int) -> dict:
+    """{name: step fn} -> {name: (best seconds, minor page faults of that step)}, timed in rounds."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: (float("inf"), 0) for name in steps}
+    for _ in range(iters):
+        for name, fn in steps.items():
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            fn()
+            t = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            if t < best[name][0]:
+                best[name] = (t, faults)
+    return best
 
 
 def gemm_bound(B, T, E, H, V, Fd, gates, warmup, iters, dtype=torch.float32) -> float:
@@ -91,6 +121,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--cells", default="rnn,lstm,gru")
+    p.add_argument("--losses", default="chunked,plain", help="comma-separated: chunked, plain")
     args = p.parse_args()
     B, T, E, H, V, Fd = args.batch, args.length, args.embed, args.hidden, args.vocab, args.features
     torch.manual_seed(0)
@@ -104,32 +135,41 @@ def main() -> None:
     for precision in precisions:
         print(precision.describe())
     gates_of = {"rnn": 1, "lstm": 4, "gru": 3}
-    rows = []
+    losses = args.losses.split(",")
+    rows = []  # (name, precision, seconds, bound seconds, faults)
     for precision in precisions:
-        bounds = {}
+        bounds, steps = {}, {}
         for cell in args.cells.split(","):
             torch.manual_seed(0)
             model = CaptionDecoder(ModelConfig(cell=cell, embed_dim=E, hidden_dim=H, dropout=0.0), V, Fd)
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            t = timeit(lambda: train_step(model, opt, feats, inputs, targets, precision), args.warmup, args.iters)
-            bounds[cell] = gemm_bound(B, T, E, H, V, Fd, gates_of[cell], args.warmup, args.iters, precision.dtype)
-            rows.append((f"CaptionDecoder {cell} (fused)", precision.name, t, bounds[cell]))
+            for loss in losses:
+                steps[(cell, loss)] = (lambda m=model, o=opt, l=loss:
+                                       train_step(m, o, feats, inputs, targets, precision, l))
             if cell == "lstm" and precision.name == "fp32":
                 naive = NaiveLSTM(V, E, H, Fd)
-                opt = torch.optim.Adam(naive.parameters(), lr=1e-4)
-                tn = timeit(lambda: train_step(naive, opt, feats, inputs, targets), args.warmup, args.iters)
-                rows.append(("naive nn.LSTMCell loop", "fp32", tn, bounds[cell]))
+                nopt = torch.optim.Adam(naive.parameters(), lr=1e-4)
+                steps[("naive", "plain")] = lambda: train_step(naive, nopt, feats, inputs, targets)
+            bounds[cell] = gemm_bound(B, T, E, H, V, Fd, gates_of[cell], args.warmup, args.iters, precision.dtype)
+        for (cell, loss), (t, faults) in interleaved(steps, args.warmup, args.iters).items():
+            name = "naive nn.LSTMCell loop" if cell == "naive" else f"CaptionDecoder {cell}, {loss} loss"
+            rows.append((name, precision.name, t, bounds["lstm" if cell == "naive" else cell], faults))
         for cell, bound in bounds.items():
-            rows.append((f"GEMM bound ({cell}, torch.mm)", precision.name, bound, bound))
-    print(f"{'model':<34}{'prec':>6}{'s/step':>10}{'tokens/s':>12}{'% of bound':>12}{'bf16/fp32':>11}")
-    speed = {(n, p): t for n, p, t, _ in rows}
-    for name, prec, t, bound in rows:
+            rows.append((f"GEMM bound ({cell}, torch.mm)", precision.name, bound, bound, None))
+    print(f"{'model':<36}{'prec':>6}{'s/step':>10}{'tokens/s':>11}{'% bound':>9}{'faults/step':>13}"
+          f"{'bf16/fp32':>11}{'vs plain':>10}")
+    speed = {(n, p): t for n, p, t, _, _ in rows}
+    for name, prec, t, bound, faults in rows:
         other = speed.get((name, "fp32"))
-        ratio = f"{other / t:>10.2f}x" if prec == "bf16" and other else ""
-        print(f"{name:<34}{prec:>6}{t:>10.4f}{tokens / t:>12.0f}{100 * bound / t:>11.0f}%{ratio}")
-    if ("naive nn.LSTMCell loop", "fp32") in speed and ("CaptionDecoder lstm (fused)", "fp32") in speed:
-        print(f"fused LSTM is {speed[('naive nn.LSTMCell loop', 'fp32')] / speed[('CaptionDecoder lstm (fused)', 'fp32')]:.2f}x "
-              f"the speed of the per-step loop (fp32)")
+        ratio = f"{other / t:>10.2f}x" if prec == "bf16" and other else " " * 11
+        plain = speed.get((name.replace("chunked loss", "plain loss"), prec)) if "chunked" in name else None
+        gain = f"{plain / t:>9.2f}x" if plain else ""
+        shown = f"{faults:>13d}" if faults is not None else " " * 13
+        print(f"{name:<36}{prec:>6}{t:>10.4f}{tokens / t:>11.0f}{100 * bound / t:>8.0f}%{shown}{ratio}{gain}")
+    naive, fused = ("naive nn.LSTMCell loop", "fp32"), (f"CaptionDecoder lstm, {losses[0]} loss", "fp32")
+    if naive in speed and fused in speed:
+        print(f"fused LSTM ({losses[0]} loss) is {speed[naive] / speed[fused]:.2f}x the speed of the per-step "
+              f"loop (fp32)")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from captioner.config import ModelConfig
+from captioner.model.output import Targets, token_loss
 
 # A decoder state is a flat tuple of tensors, each with the batch on dim 0, so that beam search can
 # reorder or repeat it with one index_select per tensor (see select_state):
@@ -114,16 +115,23 @@ class CaptionDecoder(nn.Module):
         return [init[:, i] for i in range(L)]
 
     # ---- teacher forcing: whole sequences through the fused kernels ---------------------------------
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+                targets: Targets | None = None) -> torch.Tensor:
         """features (B, F) image vectors; inputs (B, T) word ids starting with <start> -> logits (B, T, V).
 
         Padding after a caption's end is computed but harmless: the recurrence is causal, and the loss
         ignores padded targets. With `mask` (B, T) bool, only the masked positions go through the output
         projection -- the largest matrix multiply -- and the logits come back as (N, V), N = mask.sum().
+
+        With `targets` (the N masked positions' next words and their weights) the result is instead the
+        weighted loss of those words, a scalar, computed by captioner.model.output a few hundred tokens at a
+        time: the (N, V) logits are never built. Training takes this path (through DDP's forward too).
         """
         h, _ = self.run(features, inputs)
-        return self.out(h[mask] if mask is not None else h)
+        h = h[mask] if mask is not None else h
+        if targets is not None:
+            return token_loss(h.reshape(-1, h.shape[-1]), self.out, targets)
+        return self.out(h)
 
     def run(self, features: torch.Tensor, inputs: torch.Tensor, hidden: list | None = None) -> tuple:
         """Teacher-forced pass over inputs (B, T), starting from `hidden` (None: the initial state).

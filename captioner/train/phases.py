@@ -120,7 +120,8 @@ class ScstPhase:
         trainer.step = result.step
         return EpochResult(result.loss, {"phase": self.name, "lr": tc.scst_lr,
                                          "train_reward": round(result.sample_reward, 6),
-                                         "train_greedy_reward": round(result.greedy_reward, 6)})
+                                         "train_greedy_reward": round(result.greedy_reward, 6),
+                                         **{f"scst_seconds_{part}": round(t, 2) for part, t in result.seconds.items()}})
 
 
 def schedule(cfg: Config) -> list[tuple[Phase, int]]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,12 +45,16 @@ from captioner.eval.fluency import ends_badly, repeated_word
 from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
+from captioner.model.output import Targets
 from captioner.model.search import captioning_policy, greedy, sample
 from captioner.precision import FP32, Precision
 
 log = logging.getLogger("captioner")
 
 BASELINES = ("greedy", "mean")
+# The parts of an SCST step, timed: drawing the samples, their CIDEr-D rewards, the greedy baseline's
+# decoding and rewards, and the policy-gradient pass (teacher-forced forward, backward, optimizer step).
+PARTS = ("sample", "reward", "baseline", "gradient")
 
 
 @dataclass
@@ -59,6 +63,7 @@ class ScstResult:
     sample_reward: float  # mean CIDEr-D of the sampled captions
     greedy_reward: float  # mean CIDEr-D of the greedy captions (nan with the "mean" baseline)
     step: int
+    seconds: dict[str, float] = field(default_factory=dict)  # where the epoch's time went: PARTS
 
 
 class RewardData:
@@ -100,14 +105,21 @@ def rewards(data: RewardData, keys, captions: list[list[int]], vocab: Vocabulary
     return out
 
 
+def policy_weights(token_adv: torch.Tensor, token_is_end: torch.Tensor, end_weight: float = 1.0) -> torch.Tensor:
+    """Each sampled token's weight on its -log p in the REINFORCE loss: (r - b) / N, the <end> terms times
+    end_weight (so the weight changes the <end> share, not the other tokens' scale)."""
+    weights = token_adv / token_adv.numel()
+    if end_weight != 1.0:
+        weights = weights * torch.where(token_is_end, end_weight, 1.0)
+    return weights
+
+
 def policy_loss(token_logp: torch.Tensor, token_adv: torch.Tensor, token_is_end: torch.Tensor,
                 end_weight: float = 1.0) -> torch.Tensor:
     """REINFORCE over the N sampled tokens: -(r - b) * log p(token), the <end> terms weighted by end_weight,
-    averaged over the N tokens (so the weight changes the <end> share, not the other tokens' scale)."""
-    terms = token_adv * token_logp
-    if end_weight != 1.0:
-        terms = terms * torch.where(token_is_end, end_weight, 1.0)
-    return -terms.sum() / token_logp.numel()
+    averaged over the N tokens. Training computes the same sum chunked over the tokens, from the
+    weights above (captioner.model.output), without building the (N, V) log-probabilities."""
+    return -(policy_weights(token_adv, token_is_end, end_weight) * token_logp).sum()
 
 
 def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end_id: int,
@@ -144,6 +156,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
     order = torch.randperm(len(data), generator=generator).numpy()
     batches = [order[i:i + cfg.scst_batch_size] for i in range(0, len(order), cfg.scst_batch_size)]
     totals = {"loss": 0.0, "tokens": 0, "sample": 0.0, "greedy": 0.0, "n": 0}
+    seconds = dict.fromkeys(PARTS, 0.0)
     start = time.perf_counter()
     # disable=None: no bar where stderr is not a terminal
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
@@ -155,10 +168,13 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         repeated = feats.repeat_interleave(K, dim=0)  # (B*K, F): image i's samples are rows iK..iK+K-1
         keys = np.repeat(idx, K)
         model.eval()  # dropout off: sample, baseline and gradient all belong to the test-time policy
+        t0 = time.perf_counter()
         with torch.no_grad(), precision.autocast():
             drawn = sample(policy, repeated, max_len=max_len, generator=generator,
                            start_id=vocab.start_id, end_id=vocab.end_id)
+            t1 = time.perf_counter()
             reward = rewards(data, keys, drawn, vocab, cfg)
+            t2 = time.perf_counter()
             if cfg.scst_baseline == "greedy":
                 base_caps = greedy(policy, feats, max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
                 base = rewards(data, idx, base_caps, vocab, cfg)
@@ -168,25 +184,25 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
                 per_image = reward.view(-1, K)
                 baseline = ((per_image.sum(1, keepdim=True) - per_image) / max(1, K - 1)).view(-1)
         advantage = (reward - baseline).to(device)
+        t3 = time.perf_counter()
 
         inputs, targets = sequence_tensors(drawn, max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
         inputs, targets = inputs.to(device), targets.to(device)
         mask = targets != vocab.pad_id
         optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits = model(repeated, inputs, mask)  # (N, V), N real tokens, row-major over (B*K, T)
-        logits = logits.float()
-        logits[:, suppressed.to(device)] = float("-inf")
-        token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[mask][:, None]).squeeze(1)
-        token_adv = advantage[:, None].expand_as(mask)[mask]
         n = int(mask.sum())
-        loss = policy_loss(token_logp, token_adv, targets[mask] == vocab.end_id, cfg.scst_end_weight)
+        ids = targets[mask]
+        weights = policy_weights(advantage[:, None].expand_as(mask)[mask], ids == vocab.end_id, cfg.scst_end_weight)
+        with precision.autocast():  # policy_loss, chunked over the N tokens (captioner.model.output)
+            loss = model(repeated, inputs, mask, Targets(ids, weights, suppressed=suppressed))
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
+        for part, seconds_taken in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            seconds[part] += seconds_taken
         totals["loss"] += loss.item() * n
         totals["tokens"] += n
         totals["sample"] += float(reward.sum())
@@ -196,4 +212,4 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
     n_img = max(1, totals["n"])
     return ScstResult(loss=totals["loss"] / max(1, totals["tokens"]), sample_reward=totals["sample"] / (n_img * K),
                       greedy_reward=totals["greedy"] / n_img if cfg.scst_baseline == "greedy" else float("nan"),
-                      step=step)
+                      step=step, seconds=seconds)

@@ -10,7 +10,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -20,6 +19,7 @@ from captioner.data.dataset import Batch
 from captioner.distributed import Dist
 from captioner.errors import NonFiniteLoss
 from captioner.model.decoder import detach_hidden
+from captioner.model.output import Targets, token_loss
 from captioner.precision import Precision, resolve
 
 
@@ -31,13 +31,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
         return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=pad_id, label_smoothing=label_smoothing)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -119,10 +112,8 @@ def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoo
     T = batch.inputs.shape[1]
     scale = world / (n_tokens if n_tokens is not None else mask.sum())
     if tbptt <= 0 or tbptt >= T:
-        with autocast():
-            logits = model(batch.features, batch.inputs, mask)
-        loss = F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum",
-                               label_smoothing=label_smoothing) * scale
+        with autocast():  # the loss, chunked over tokens, in fp32 (captioner.model.output)
+            loss = model(batch.features, batch.inputs, mask, Targets(batch.targets[mask], scale, label_smoothing))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
     # Chunks call the decoder's own methods, not DDP's forward: gradients are averaged by hand below.
@@ -135,10 +126,9 @@ def backward_batch(model: torch.nn.Module, batch: Batch, pad_id: int, label_smoo
         m = mask[:, chunk]
         with autocast():
             h, hidden = model.run(batch.features, batch.inputs[:, chunk], hidden)
-            logits = model.out(h[m]).float() if m.any() else None
-        if logits is not None:
-            loss = F.cross_entropy(logits, batch.targets[:, chunk][m], reduction="sum",
-                                   label_smoothing=label_smoothing) * scale
+            loss = token_loss(h[m], model.out, Targets(batch.targets[:, chunk][m], scale, label_smoothing)) \
+                if m.any() else None
+        if loss is not None:
             (scaler.scale(loss) if scaler is not None else loss).backward()
             total = total + loss.detach()
         hidden = detach_hidden(hidden)

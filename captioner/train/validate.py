@@ -9,9 +9,9 @@ from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.eval.metrics import score_captions
 from captioner.model.decoder import CaptionDecoder
+from captioner.model.output import Targets
 from captioner.model.search import captioning_policy, greedy
 from captioner.precision import FP32, Precision
-from captioner.train.step import caption_loss
 
 
 @torch.no_grad()
@@ -21,11 +21,10 @@ def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pa
     total, tokens = 0.0, 0
     for batch in loader:
         batch = batch.to(device)
-        with precision.autocast():
-            logits = model(batch.features, batch.inputs).float()
-        n = batch.num_tokens
-        total += float(caption_loss(logits, batch.targets, pad_id)) * n
-        tokens += n
+        mask = batch.targets != pad_id
+        with precision.autocast():  # summed over the real tokens, chunked (captioner.model.output)
+            total += float(model(batch.features, batch.inputs, mask, Targets(batch.targets[mask])))
+        tokens += int(mask.sum())
     return total / max(1, tokens)
 
 
