@@ -188,3 +188,26 @@ def test_beam_candidates_break_ties_like_argmax():
         want_top, want_idx = values.sort(dim=1, descending=True, stable=True)
         assert torch.equal(top, want_top[:, :k]) and torch.equal(idx, want_idx[:, :k])
         assert torch.equal(top_first(values, 1)[1][:, 0], values.argmax(dim=1))
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_the_recurrence_runs_its_matrix_multiplies_in_bf16_under_autocast(cell):
+    """nn.GRU / nn.RNN are not on autocast's CPU list, but on the CPU their kernels are built from linear
+    and mm calls that autocast does lower: the profiler's recorded input dtypes show the per-step
+    recurrent products (B, H) x (H, gates * H) in bf16."""
+    from torch.profiler import profile
+
+    from captioner.config import ModelConfig
+    from captioner.model.decoder import CaptionDecoder
+
+    B, H, gates = 3, 8, {"gru": 3, "rnn": 1}[cell]
+    model = CaptionDecoder(ModelConfig(cell=cell, embed_dim=6, hidden_dim=H, dropout=0.0), 20, 5)
+    with profile(record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, _ = model.run(torch.randn(B, 5), torch.randint(4, 20, (B, 4)))
+    recurrent = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::linear")
+                 and any(list(s) == [B, H] for s in e.input_shapes)
+                 and any(list(s) in ([gates * H, H], [H, gates * H]) for s in e.input_shapes)]
+    assert recurrent, "no recurrent product recorded"
+    products = [e for e in recurrent if e.name != "aten::linear"]  # the kernels linear dispatches to
+    assert products and all("c10::BFloat16" in e.input_dtypes for e in products)
