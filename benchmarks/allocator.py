@@ -1,10 +1,11 @@
 """The memory allocator's share of a training step: glibc as it is, glibc with GLIBC_TUNABLES that keep
 large blocks in the heap, jemalloc and tcmalloc through LD_PRELOAD (where installed), side by side.
 
-An allocator is fixed when a process starts, so this script re-runs itself in one subprocess per
-allocator and thread count, interleaved over --rounds rounds (a busy machine disturbs every row alike),
-and each subprocess prints the allocator that actually ran in it ("jemalloc-tuned" is jemalloc with
-MALLOC_CONF=JEMALLOC_TUNED below). Two measurements:
+An allocator is fixed when a process starts, so this script re-runs itself in one child process per
+allocator (per thread count), each with its environment; every child says which allocator actually runs
+in it ("jemalloc-tuned" is jemalloc with MALLOC_CONF=captioner.allocator.JEMALLOC_TUNED). The children stay up and
+take turns: one run of one measurement each, the order rotating, so that a busy machine slows every
+row alike. Two measurements:
 
   exp   torch.exp of one (tokens x vocabulary) fp32 tensor into a fresh tensor, the allocation pattern
         of the output layer (and into a preallocated one, the same arithmetic with no allocation);
@@ -12,9 +13,13 @@ MALLOC_CONF=JEMALLOC_TUNED below). Two measurements:
         config), captioner.train.step.backward_batch with label smoothing, gradient clipping, AdamW;
         fp32, and bf16 under autocast.
 
-    python benchmarks/allocator.py [--threads 1,2] [--rounds 3] [--iters 4] [--precisions fp32,bf16]
+    python benchmarks/allocator.py [--threads 1,2] [--iters 10] [--precisions fp32,bf16] [--vocab 3000]
 
-Tokens/s are from each row's median step; "vs glibc" is the ratio to glibc's default in the same run.
+Times are each row's median; tokens/s are per training step; "vs glibc" is the median over rounds of
+glibc's step time over this row's, the two run back to back; "faults" are the minor page faults of one
+step (the kernel zero-filling memory the allocator took back from it), which no busy machine disturbs.
+"exp out=" allocates nothing: where it differs between rows, that is the machine's noise. "peak MB" is
+the child's peak resident memory (what the memory kept for reuse costs).
 """
 
 from __future__ import annotations
@@ -34,8 +39,6 @@ from captioner import allocator  # noqa: E402
 
 LIBS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
         "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
-# jemalloc 5 purges freed blocks of 8 MiB and more at once (its oversize arena); this keeps them.
-JEMALLOC_TUNED = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def variants() -> list[tuple[str, dict[str, str]]]:
@@ -44,27 +47,20 @@ def variants() -> list[tuple[str, dict[str, str]]]:
         if os.path.isfile(path):
             rows.append((name, {"LD_PRELOAD": path}))
             if name == "jemalloc":
-                rows.append(("jemalloc-tuned", {"LD_PRELOAD": path, "MALLOC_CONF": JEMALLOC_TUNED}))
+                rows.append(("jemalloc-tuned", {"LD_PRELOAD": path, "MALLOC_CONF": allocator.JEMALLOC_TUNED}))
         else:
             print(f"note: {name} skipped, {path} is not installed (apt-get install "
                   f"{'libjemalloc2' if name == 'jemalloc' else 'libtcmalloc-minimal4'})")
     return rows
 
 
-# ---- the measurements, run in a child process -------------------------------------------------------
+# ---- a child: one allocator, its tensors and models built once, one timed run per request ------------
 
-def _times(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+def serve(args) -> None:
+    """Build the tensors and models, warm each up, then answer every line naming a measurement ("exp",
+    "exp_out", "fp32", "bf16") with its time in seconds and the page faults it took."""
+    import resource
 
-
-def measure(args) -> dict:
     import torch
 
     from captioner.config import load_config
@@ -77,13 +73,11 @@ def measure(args) -> dict:
     B, T, V = args.batch, args.length, args.vocab
     x = torch.randn(B * T, V)
     buf = torch.empty_like(x)
-    result = {"allocator": allocator.describe(), "threads": torch.get_num_threads(),
-              "exp": _times(lambda: torch.exp(x), 3, 20), "exp_out": _times(lambda: torch.exp(x, out=buf), 3, 20)}
-    del x, buf
+    runs = {"exp": lambda: torch.exp(x), "exp_out": lambda: torch.exp(x, out=buf)}
     cfg = load_config("flickr8k")
     batch = Batch(torch.randn(B, args.features), torch.randint(4, V, (B, T)), torch.randint(4, V, (B, T)))
-    for name in args.precisions.split(","):
-        precision = resolve(name, "cpu")
+
+    def training_step(precision):
         torch.manual_seed(0)
         model = CaptionDecoder(cfg.model, V, args.features)
         model.train()
@@ -94,28 +88,81 @@ def measure(args) -> dict:
             backward_batch(model, batch, 0, cfg.train.label_smoothing, autocast=precision.autocast)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
+        return step
 
-        result[name] = _times(step, args.warmup, args.iters)
+    for name in args.precisions.split(","):
+        runs[name] = training_step(resolve(name, "cpu"))
+    for fn in runs.values():
+        for _ in range(args.warmup):
+            fn()
+    print(json.dumps({"allocator": allocator.describe(), "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "peak_mb":
+            print(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, flush=True)
+            continue
+        fn = runs[line.strip()]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, flush=True)
+
+
+# ---- the parent: one child per allocator, requests round-robin ----------------------------------------
+
+def measure(rows, threads: int, args) -> dict[str, dict]:
+    """Start one child per row, then ask each in turn for one run of every measurement, rotating the
+    order, so that a busy machine slows every row alike. Returns each row's times per measurement."""
+    base = {k: v for k, v in os.environ.items() if k not in allocator.USER_VARS and k != allocator.MARKER}
+    base[allocator.CHOICE] = "system"  # the rows set the allocator, not captioner
+    opts = [f"--{k}={getattr(args, k)}" for k in ("warmup", "precisions", "batch", "length", "vocab", "features")]
+    children = {}
+    for name, env in rows:
+        env = {**base, **env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        children[name] = subprocess.Popen([sys.executable, __file__, "--child", *opts], env=env, text=True,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    result = {}
+    for name, child in children.items():  # each child says what it runs with once it is warm
+        line = child.stdout.readline()
+        if not line:
+            sys.exit(f"{name} ({threads} threads) failed to start")
+        result[name] = {**json.loads(line), "times": {}, "faults": {}}
+    keys = ["exp", "exp_out", *args.precisions.split(",")]
+    names = list(children)
+    for i in range(args.iters):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for key in keys:
+            for name in order:
+                children[name].stdin.write(key + "\n")
+                children[name].stdin.flush()
+                seconds, faults = children[name].stdout.readline().split()
+                result[name]["times"].setdefault(key, []).append(float(seconds))
+                result[name]["faults"].setdefault(key, []).append(int(faults))
+        print(f"  {threads} thread(s): {i + 1}/{args.iters}", file=sys.stderr, flush=True)
+    for name, child in children.items():
+        child.stdin.write("peak_mb\n")
+        child.stdin.flush()
+        result[name]["peak_mb"] = int(child.stdout.readline().split()[1])
+        child.stdin.close()
+        child.wait()
     return result
 
-
-# ---- the parent: one child per allocator and thread count, interleaved --------------------------------
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2", help="comma-separated OMP_NUM_THREADS values")
-    p.add_argument("--rounds", type=int, default=3, help="times every row runs, interleaved")
-    p.add_argument("--iters", type=int, default=4, help="timed steps per row and round")
+    p.add_argument("--iters", type=int, default=10, help="timed runs of each measurement per row")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--length", type=int, default=16, help="tokens per caption")
     p.add_argument("--vocab", type=int, default=3000)
     p.add_argument("--features", type=int, default=1280, help="EfficientNet-Lite0's feature size")
+    p.add_argument("--json", metavar="OUT", help="also write every time and fault count (OUT.<n>threads.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args)))
+        serve(args)
         return
 
     allocator.print_line()
@@ -123,37 +170,25 @@ def main() -> None:
     print(f"batch {args.batch} x {args.length} tokens, vocabulary {args.vocab}: one (tokens x vocabulary) fp32 "
           f"tensor is {args.batch * args.length * args.vocab * 4 / 1e6:.1f} MB; {os.cpu_count()} CPUs here",
           flush=True)
-    threads = [int(t) for t in args.threads.split(",")]
-    child_args = [f"--{k}={getattr(args, k)}" for k in ("iters", "warmup", "precisions", "batch", "length",
-                                                           "vocab", "features")]
-    base = {k: v for k, v in os.environ.items() if k not in allocator.USER_VARS and k != allocator.MARKER}
-    base[allocator.CHOICE] = "system"  # the rows set the allocator, not captioner
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for r in range(args.rounds):
-        for n in threads:
-            for name, env in rows:
-                cmd = [sys.executable, __file__, "--child", *child_args]
-                env = {**base, **env, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{name}, {n} threads failed:\n{done.stderr[-2000:]}")
-                runs.setdefault((name, n), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"  round {r + 1}/{args.rounds}, {n} thread(s), {name}: done", file=sys.stderr, flush=True)
-
     tokens = args.batch * args.length
     precisions = args.precisions.split(",")
-    print(f"\n{'threads':>7}  {'row':<15} {'ran with':<36} {'exp fresh':>9} {'exp out=':>9}"
-          + "".join(f" {p + ' tok/s':>11} {'vs glibc':>8}" for p in precisions))
-    for n in threads:
-        med = {(name, key): statistics.median(t for run in runs[(name, n)] for t in run[key])
-               for name, _ in rows for key in ["exp", "exp_out", *precisions]}
+    header = (f"{'threads':>7}  {'row':<15} {'ran with':<36} {'exp fresh':>9} {'exp out=':>9}"
+              + "".join(f" {p + ' tok/s':>11} {'vs glibc':>8} {'faults':>7}" for p in precisions) + "  peak MB")
+    for n in [int(t) for t in args.threads.split(",")]:
+        result = measure(rows, n, args)
+        if args.json:
+            Path(args.json).with_suffix(f".{n}threads.json").write_text(json.dumps(result))
+        print(header)
         for name, _ in rows:
-            ran = runs[(name, n)][0]["allocator"]
-            line = (f"{n:>7}  {name:<15} {ran:<36} {1e3 * med[(name, 'exp')]:>7.1f}ms "
-                    f"{1e3 * med[(name, 'exp_out')]:>7.1f}ms")
+            r, glibc = result[name], result["glibc"]
+            med = {key: statistics.median(times) for key, times in r["times"].items()}
+            line = f"{n:>7}  {name:<15} {r['allocator']:<36} {1e3 * med['exp']:>7.1f}ms {1e3 * med['exp_out']:>7.1f}ms"
             for prec in precisions:
-                line += f" {tokens / med[(name, prec)]:>11.0f} {med[('glibc', prec)] / med[(name, prec)]:>7.2f}x"
-            print(line)
+                # each glibc step against this row's step of the same round: the pair ran back to back
+                paired = statistics.median(g / t for g, t in zip(glibc["times"][prec], r["times"][prec]))
+                line += (f" {tokens / med[prec]:>11.0f} {paired:>7.2f}x "
+                         f"{statistics.median(r['faults'][prec]):>7.0f}")
+            print(f"{line} {r['peak_mb']:>8}", flush=True)
 
 
 if __name__ == "__main__":
