@@ -9,7 +9,8 @@ loaded first), so the command re-executes itself once with the environment set:
     CAPTIONER_ALLOCATOR=auto          (default) the measured best that is present, see AUTO
     CAPTIONER_ALLOCATOR=system        leave the process as it was started
     CAPTIONER_ALLOCATOR=glibc-tuned   GLIBC_TUNABLES that keep large blocks in the heap
-    CAPTIONER_ALLOCATOR=jemalloc      LD_PRELOAD=libjemalloc.so.2 (glibc-tuned where it is absent)
+    CAPTIONER_ALLOCATOR=jemalloc      LD_PRELOAD=libjemalloc.so.2 with MALLOC_CONF=JEMALLOC_TUNED
+                                      (glibc-tuned where the library is absent)
 
 A user's own LD_PRELOAD, GLIBC_TUNABLES or MALLOC_CONF always wins: nothing is changed then. The
 re-execution happens at most once (MARKER), only from the process's own entry point (never from a
@@ -35,6 +36,9 @@ USER_VARS = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF")
 GLIBC_TUNED = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+# jemalloc 5 gives freed blocks of 8 MiB and more back at once (its oversize arena) and others after
+# 10 s; as it comes, it faults more than glibc. This keeps them, as GLIBC_TUNED does.
+JEMALLOC_TUNED = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 AUTO = "glibc-tuned"  # what `auto` means: the measured winner (docs/precision.md, "Memory allocator")
 
 
@@ -59,7 +63,7 @@ def decide(environ: Mapping[str, str], jemalloc: str | None = None, glibc: bool 
     if choice == "auto":
         choice = AUTO
     if choice == "jemalloc" and jemalloc:
-        return {"LD_PRELOAD": jemalloc, MARKER: "jemalloc"}
+        return {"LD_PRELOAD": jemalloc, "MALLOC_CONF": JEMALLOC_TUNED, MARKER: "jemalloc"}
     return {"GLIBC_TUNABLES": GLIBC_TUNED, MARKER: "glibc-tuned"}
 
 
