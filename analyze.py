@@ -5,4 +5,4 @@ import sys
 from captioner.cli import main
 
 if __name__ == "__main__":
-    main(["analyze", *sys.argv[1:]])
+    main(["analyze", *sys.argv[1:]], entry=True)

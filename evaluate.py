@@ -5,4 +5,4 @@ import sys
 from captioner.cli import main
 
 if __name__ == "__main__":
-    main(["evaluate", *sys.argv[1:]])
+    main(["evaluate", *sys.argv[1:]], entry=True)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner import allocator
 from captioner.config import ModelConfig
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.output import Targets
@@ -110,6 +111,7 @@ def gemm_bound(B, T, E, H, V, Fd, gates, warmup, iters, dtype=torch.float32) -> 
 
 
 def main() -> None:
+    allocator.print_line()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--length", type=int, default=16)

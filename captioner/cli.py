@@ -7,6 +7,10 @@ Every argument is parsed here, before anything heavy is imported: `captioner --h
 option answer at once, and torch loads only when a command runs (each lives in captioner.commands.NAME
 as `run(args) -> exit status`). A CaptionerError (something the user can fix) is printed as
 `error: ...` with exit status 2, never as a traceback; Ctrl-C exits with 130.
+
+As the process's own entry (the console script, `python -m captioner`, the train.py-style wrappers) it
+first re-executes itself once with a faster memory allocator for training's large tensors, unless the
+user chose one (captioner.allocator; CAPTIONER_ALLOCATOR=system turns it off).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from captioner import __version__
+from captioner import __version__, allocator
 from captioner.errors import CaptionerError
 
 DEVICES = ("auto", "cpu", "cuda")  # captioner.device.DEVICES, spelt out so that --help imports no torch
@@ -235,9 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Parse `argv` (default: the process's arguments), then import and run the command."""
+def main(argv: Sequence[str] | None = None, entry: bool | None = None) -> None:
+    """Parse `argv` (default: the process's arguments), then import and run the command.
+
+    `entry`: this call starts the process (default: when argv is None), so it may re-execute the process
+    with the chosen allocator first; a call from other code (a test, a notebook) never does.
+    """
+    if entry if entry is not None else argv is None:
+        allocator.reexec()
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    logging.getLogger("captioner").debug("allocator: %s", allocator.describe())
     module = importlib.import_module(f"captioner.commands.{args.command}")
     run_main(lambda: module.run(args))

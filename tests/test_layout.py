@@ -20,7 +20,7 @@ PACKAGE = REPO / "captioner"
 
 # The data flow, lowest first: a module may import from its own stage or a lower one, never a higher one.
 STAGES = [
-    {"errors", "atomic", "config", "device", "distributed", "precision"},
+    {"errors", "atomic", "allocator", "config", "device", "distributed", "precision"},
     {"data"},
     {"vision"},
     {"model"},

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from captioner import checkpoint, distributed
+from captioner import allocator, checkpoint, distributed
 from captioner.atomic import atomic_write_text
 from captioner.config import Config, from_dict, load_config, to_dict, to_toml, validate
 from captioner.data import holdout
@@ -138,6 +138,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         log.info("%s decoder, %s conditioning, %d layer(s), %.1fM parameters; %d captions, %d steps/epoch "
                  "on %s x %d", cfg.model.cell, cfg.model.conditioning, cfg.model.num_layers, n_params / 1e6,
                  len(train_set), trainer.steps_per_epoch(), device, dist.world)
+        log.info("allocator: %s", allocator.describe())
     if tc.scst_epochs and dist.active:
         raise CaptionerError("train.scst_epochs: self-critical training runs in one process; run it without "
                              "torchrun (e.g. --resume the run after its cross-entropy epochs)")
