@@ -12,6 +12,8 @@ Format versions (`format_version` in the dict; `read` migrates older ones in mem
 
 from __future__ import annotations
 
+from importlib import resources
+
 import dataclasses
 import logging
 import pickle
@@ -349,3 +351,29 @@ def export(src: str | Path, dst: str | Path) -> Path:
         payload["holdout"] = ckpt["holdout"]
     save(dst, payload)
     return Path(dst)
+
+
+# The models shipped inside the package, by name.
+DEFAULT_CHECKPOINT_NAME = "flickr8k.pt"
+def pretrained_path(name_or_path: str | Path | None) -> Path:
+    """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path."""
+    if name_or_path is None:
+        return default_checkpoint()
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = Path(str(resources.files("captioner") / "pretrained"))
+    candidate = shipped / f"{name_or_path}.pt"
+    if path.name == str(name_or_path) and candidate.is_file():
+        return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.pt"))) or "none"
+    raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
+                         f"(shipped: {names})")
+
+
+def default_checkpoint() -> Path:
+    """The model shipped inside the package (trained on Flickr8k train, selected on dev)."""
+    path = Path(str(resources.files("captioner") / "pretrained" / DEFAULT_CHECKPOINT_NAME))
+    if not path.is_file():
+        raise CaptionerError(f"the shipped model {path} is missing from this install; pass --checkpoint")
+    return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,34 +22,11 @@ from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 from captioner.precision import Precision, resolve
+from captioner.checkpoint import default_checkpoint, pretrained_path as _pretrained_path
 from captioner.eval import fluency
 from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepeatWord
 
 log = logging.getLogger("captioner")
-
-DEFAULT_CHECKPOINT_NAME = "flickr8k.pt"
-def _pretrained_path(name_or_path: str | Path | None) -> Path:
-    """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path."""
-    if name_or_path is None:
-        return default_checkpoint()
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    shipped = Path(str(resources.files("captioner") / "pretrained"))
-    candidate = shipped / f"{name_or_path}.pt"
-    if path.name == str(name_or_path) and candidate.is_file():
-        return candidate
-    names = ", ".join(sorted(p.stem for p in shipped.glob("*.pt"))) or "none"
-    raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
-                         f"(shipped: {names})")
-
-
-def default_checkpoint() -> Path:
-    """The model shipped inside the package (trained on Flickr8k train, selected on dev)."""
-    path = Path(str(resources.files("captioner") / "pretrained" / DEFAULT_CHECKPOINT_NAME))
-    if not path.is_file():
-        raise CaptionerError(f"the shipped model {path} is missing from this install; pass --checkpoint")
-    return path
 
 
 @dataclass

@@ -21,7 +21,6 @@ from captioner.config import Config, from_dict, load_config, parse_overrides, va
 from captioner.data.records import Record
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import CaptionerError
-from captioner.inference import _pretrained_path
 
 log = logging.getLogger("captioner")
 
@@ -35,7 +34,7 @@ _MACHINE_KEYS = {"data": ("root", "cache_dir"), "train": ("init_from",)}
 def source_path(init_from: str) -> Path:
     """A checkpoint file, or a shipped model's name, as the file to read."""
     try:
-        return _pretrained_path(init_from)
+        return checkpoint.pretrained_path(init_from)
     except CaptionerError as err:
         raise CaptionerError(f"--init-from {err}") from None
 

@@ -201,8 +201,9 @@ class EndToEnd(torch.nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
-    def forward(self, images: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None):
-        return self.decoder(self.encoder(images), inputs, mask)
+    def forward(self, images: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+                targets=None):
+        return self.decoder(self.encoder(images), inputs, mask, targets)
 
 
 class ImageCollate:
