@@ -75,7 +75,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     grad_clip: float = 5.0  # max gradient norm
     label_smoothing: float = 0.0
-    patience: int = 5  # epochs without improvement of select_metric before stopping
+    patience: int = 5  # cross-entropy epochs without improvement of select_metric before that phase ends
     select_metric: str = "CIDEr"  # dev metric that picks the best checkpoint
     eval_max_len: int = 20  # longest caption decoded on dev
     eval_images: int = 0  # decode only this many dev images each epoch (0: all)
@@ -86,6 +86,9 @@ class TrainConfig:
     scst_samples: int = 5  # captions sampled per image
     scst_baseline: str = "greedy"  # greedy: the greedy caption's reward (Rennie et al.) | mean: other samples'
     scst_batch_size: int = 50  # images per SCST step
+    # SCST epochs without improvement before the phase ends (0: run them all). Greedy dev CIDEr is noisy from
+    # one SCST epoch to the next, so by default the phase runs out and best.pt keeps its best epoch.
+    scst_patience: int = 0
     # Fixes for SCST's bad endings ("... playing with a blue"); the defaults leave the reward and loss as above.
     scst_reward_end: bool = False  # CIDEr-D counts <end> as a word, so "grass <end>" earns and "a <end>" not
     scst_end_weight: float = 1.0  # weight of the <end> token's term in the policy-gradient loss
@@ -131,6 +134,8 @@ def validate(cfg: Config) -> Config:
          f"train.scheduled_sampling must be in [0, 1], got {t.scheduled_sampling}"),
         (t.scst_epochs >= 0, f"train.scst_epochs must be 0 (off) or positive, got {t.scst_epochs}"),
         (t.scst_lr > 0 and math.isfinite(t.scst_lr), f"train.scst_lr must be positive, got {t.scst_lr}"),
+        (t.patience >= 0, f"train.patience must be 0 (off) or more, got {t.patience}"),
+        (t.scst_patience >= 0, f"train.scst_patience must be 0 (off) or more, got {t.scst_patience}"),
         (t.scst_samples >= 1, f"train.scst_samples must be at least 1, got {t.scst_samples}"),
         (t.scst_baseline in ("greedy", "mean"), f"train.scst_baseline must be greedy or mean, got {t.scst_baseline!r}"),
         (t.scst_baseline != "mean" or t.scst_samples >= 2, "train.scst_baseline = \"mean\" needs scst_samples >= 2"),

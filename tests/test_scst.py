@@ -108,6 +108,22 @@ def test_scst_in_fit_starts_from_the_best_cross_entropy_model_and_logs_its_phase
     assert checkpoint.read(tmp_path / "run" / "last.pt", training=True)["epoch"] == 4
 
 
+@pytest.mark.parametrize("scst_patience, phases", [(0, ["xe", "xe", "scst", "scst", "scst"]),
+                                                    (1, ["xe", "xe", "scst"])])
+def test_patience_ends_cross_entropy_early_but_scst_only_with_its_own_patience(tiny_data, tmp_path, monkeypatch,
+                                                                               scst_patience, phases):
+    # The dev score never improves after the first epoch: patience 1 ends the cross-entropy phase after its
+    # second epoch; SCST then runs all its epochs unless train.scst_patience asks otherwise.
+    real = training._dev_metrics
+    monkeypatch.setattr(training, "_dev_metrics", lambda *a: {**real(*a), "CIDEr": 0.5})
+    cfg = _cfg(tiny_data, tmp_path / "cache", "train.epochs=3", "train.scst_epochs=3", "train.select_metric=CIDEr", "train.patience=1",
+               f"train.scst_patience={scst_patience}", "train.scst_batch_size=4", "train.scst_samples=3")
+    training.fit(cfg, tmp_path / "run")
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["phase"] for e in log] == phases
+    assert [e["best"] for e in log] == [True] + [False] * (len(phases) - 1)
+
+
 def test_scst_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     cfg = _cfg(tiny_data, tmp_path / "cache", "train.epochs=2", "train.scst_epochs=2", "train.scst_lr=1e-3",
                "train.scst_batch_size=4", "train.scst_samples=3", "train.scst_baseline=mean")

@@ -147,16 +147,17 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         first = 0  # the phase's first epoch
         for phase, n_epochs in schedule(cfg):
             end = first + n_epochs
+            patience = phase.patience(tc)
             while first <= epoch < end:
-                if tc.patience > 0 and bad_epochs >= tc.patience:
-                    if end < trainer.total_epochs:
-                        log.info("early stop of %s: %s did not improve for %d epochs; on to the next phase",
-                                 phase.name, tc.select_metric, tc.patience)
-                        epoch = end
-                    break
                 if epoch == first and first > 0:  # a later phase starts afresh, from the best model so far
                     phase.begin(trainer)
                     bad_epochs = 0
+                if patience > 0 and bad_epochs >= patience:
+                    log.info("early stop of %s: %s did not improve for %d epochs%s", phase.name,
+                             tc.select_metric, patience, "; on to the next phase" if end < trainer.total_epochs
+                             else "")
+                    epoch = end
+                    break
                 # Randomness is a function of (seed, epoch) alone, so a resumed run repeats it exactly. Every
                 # process draws the same global batches and takes its own slice of each.
                 torch.manual_seed(tc.seed * 100_003 + epoch + 7919 * dist.rank)
@@ -188,8 +189,6 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
             first = end
     finally:
         distributed.shutdown(dist)
-    if bad_epochs >= tc.patience > 0 and epoch < trainer.total_epochs:
-        log.info("early stop: %s did not improve for %d epochs", tc.select_metric, tc.patience)
     return entry
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from captioner import checkpoint
-from captioner.config import Config
+from captioner.config import Config, TrainConfig
 from captioner.data.dataset import BucketBatchSampler, CaptionDataset
 from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
@@ -68,6 +68,9 @@ class EpochResult:
 class Phase(Protocol):
     name: str
 
+    def patience(self, tc: TrainConfig) -> int:
+        """Epochs without a better dev score before the phase ends early (0: it runs all its epochs)."""
+
     def begin(self, trainer: Trainer) -> None:
         """Called when the phase's first epoch is about to run (not when a run resumes inside it)."""
 
@@ -79,6 +82,9 @@ class XEPhase:
     """Teacher-forced cross-entropy over every caption, in length buckets (captioner.train.step)."""
 
     name = "xe"
+
+    def patience(self, tc: TrainConfig) -> int:
+        return tc.patience
 
     def begin(self, trainer: Trainer) -> None:
         pass  # the optimizer `fit` built is this phase's
@@ -100,6 +106,9 @@ class ScstPhase:
     """Self-critical sequence training on the CIDEr-D reward (captioner.train.scst), from the best XE model."""
 
     name = "scst"
+
+    def patience(self, tc: TrainConfig) -> int:
+        return tc.scst_patience
 
     def begin(self, trainer: Trainer) -> None:
         tc = trainer.cfg.train
