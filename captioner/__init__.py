@@ -2,7 +2,7 @@
 step writes the caption.
 
     from captioner import Captioner
-    cap = Captioner.from_pretrained()            # the shipped model; a checkpoint path or a name also works
+    cap = Captioner.from_pretrained()            # the shipped ensemble; a name, a checkpoint path or a list
     cap("photo.jpg")                             # -> "a dog runs through the grass"
 
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)

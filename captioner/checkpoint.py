@@ -353,27 +353,51 @@ def export(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-# The models shipped inside the package, by name.
-DEFAULT_CHECKPOINT_NAME = "flickr8k.pt"
+# The models shipped inside the package, by name (captioner/pretrained/NAME.pt). The default is the ensemble of
+# DEFAULT_MODELS; SINGLE_MODEL is the one-decoder model among them (fastest; what `analyze` looks inside).
+SINGLE_MODEL = "flickr8k"
+DEFAULT_MODELS = ("flickr8k", "flickr8k-large")
+
+
+def _shipped() -> Path:
+    return Path(str(resources.files("captioner") / "pretrained"))
+
+
 def pretrained_path(name_or_path: str | Path | None) -> Path:
-    """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path."""
+    """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path.
+
+    None is the single shipped model; `default_checkpoints` lists the default ensemble's members.
+    """
     if name_or_path is None:
         return default_checkpoint()
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    shipped = Path(str(resources.files("captioner") / "pretrained"))
-    candidate = shipped / f"{name_or_path}.pt"
+    candidate = _shipped() / f"{name_or_path}.pt"
     if path.name == str(name_or_path) and candidate.is_file():
         return candidate
-    names = ", ".join(sorted(p.stem for p in shipped.glob("*.pt"))) or "none"
+    names = ", ".join(sorted(p.stem for p in _shipped().glob("*.pt"))) or "none"
     raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
                          f"(shipped: {names})")
 
 
+def pretrained_paths(names_or_paths: Sequence[str | Path]) -> list[Path]:
+    """Checkpoint files or shipped models' names -> their files; none named -> the default ensemble's."""
+    return [pretrained_path(p) for p in names_or_paths] if names_or_paths else default_checkpoints()
+
+
 def default_checkpoint() -> Path:
-    """The model shipped inside the package (trained on Flickr8k train, selected on dev)."""
-    path = Path(str(resources.files("captioner") / "pretrained" / DEFAULT_CHECKPOINT_NAME))
+    """The single shipped model (a GRU decoder trained on Flickr8k train, selected on dev)."""
+    return _shipped_file(SINGLE_MODEL)
+
+
+def default_checkpoints() -> list[Path]:
+    """The shipped models that, ensembled, are the default captioner."""
+    return [_shipped_file(name) for name in DEFAULT_MODELS]
+
+
+def _shipped_file(name: str) -> Path:
+    path = _shipped() / f"{name}.pt"
     if not path.is_file():
         raise CaptionerError(f"the shipped model {path} is missing from this install; pass --checkpoint")
     return path

@@ -60,8 +60,9 @@ def run_main(main: Callable[[], int | None]) -> None:
 
 def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", default=[],
-                   help="a checkpoint from `captioner train` (default: the shipped Flickr8k model); give it "
-                        "more than once for the ensemble of those models")
+                   help="a checkpoint from `captioner train` or a shipped model's name (flickr8k: the single "
+                        "GRU, fastest); give it more than once for the ensemble of those models (default: the "
+                        "shipped ensemble of flickr8k and flickr8k-large)")
     p.add_argument("--beam-size", type=int, default=3, help="beam width (1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
@@ -163,7 +164,8 @@ runs: a markdown table of training runs, each at its best epoch.""")
     what = p.add_subparsers(dest="analysis", required=True)
     g = what.add_parser("gradient-flow", help="||dL/dh_t|| against the distance from the loss",
                         formatter_class=_Formatter)
-    g.add_argument("--checkpoint", help="analyse this trained model instead of fresh ones")
+    g.add_argument("--checkpoint", help="analyse this trained model (a file or a shipped model's name) "
+                                        "instead of fresh ones")
     g.add_argument("--cells", nargs="+", choices=cells, default=list(cells), help="fresh models' cells")
     g.add_argument("--steps", type=int, default=50, help="decoder steps; the loss is on the last one")
     g.add_argument("--hidden", type=int, default=128, help="fresh models' hidden (and embedding) size")
@@ -173,7 +175,8 @@ runs: a markdown table of training runs, each at its best epoch.""")
     c = what.add_parser("cells", help="hidden units that track word position, noun phrases, colours",
                         formatter_class=_Formatter)
     c.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
-    c.add_argument("--checkpoint", help="default: the shipped model")
+    c.add_argument("--checkpoint", help="one model: a file or a shipped model's name (default: flickr8k, "
+                                        "the single shipped GRU)")
     c.add_argument("--out", default="cells", help="folder for cells.png and cells.html")
     c.add_argument("--n-best", type=int, default=10, help="beam captions per image in the ranking corpus")
     c.add_argument("--top", type=int, default=2, help="units shown per property")
@@ -209,8 +212,9 @@ The model is loaded once; requests that arrive together are captioned in one bat
 {"error": ...}; nothing is written to disk.""")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
-    p.add_argument("--checkpoint", help="a checkpoint from `captioner train` or a shipped model's name "
-                                        "(default: the shipped Flickr8k model)")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a checkpoint from `captioner train` or a shipped model's name; give it more than once "
+                        "for an ensemble (default: the shipped ensemble of flickr8k and flickr8k-large)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where the model runs (auto: a GPU when there is one)")
     p.add_argument("--beam-size", type=int, default=3, help="default beam width of a request")

@@ -22,7 +22,7 @@ from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 from captioner.precision import Precision, resolve
-from captioner.checkpoint import default_checkpoint, pretrained_path as _pretrained_path
+from captioner.checkpoint import default_checkpoint, default_checkpoints  # noqa: F401 (re-exported)
 from captioner.eval import fluency
 from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepeatWord
 
@@ -52,21 +52,25 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None,
                         precision: Precision | None = None) -> Captioner:
-        return cls(checkpoint.load_model(path or default_checkpoint()), device, precision)
+        """One checkpoint file or shipped model's name; None: the shipped default (see from_checkpoints)."""
+        return cls.from_checkpoints([path] if path is not None else [], device, precision)
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path], device: torch.device | None = None,
                          precision: Precision | None = None) -> Captioner:
-        """One checkpoint (or none: the shipped model): exactly `from_checkpoint`. Several: an ensemble
-        that averages their next-word probabilities; they must share vocabulary and image features."""
-        if len(paths) <= 1:
-            return cls.from_checkpoint(paths[0] if paths else None, device, precision)
-        return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in paths], paths), device, precision)
+        """Checkpoint files or shipped models' names. One: that model. Several: an ensemble that averages
+        their next-word probabilities; they must share vocabulary and image features. None: the shipped
+        default, the ensemble of `checkpoint.DEFAULT_MODELS`."""
+        files = checkpoint.pretrained_paths(paths)
+        if len(files) == 1:
+            return cls(checkpoint.load_model(files[0]), device, precision)
+        return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in files], files), device, precision)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | None = None,
+    def from_pretrained(cls, name_or_path: str | Path | Sequence[str | Path] | None = None,
                         device: str | torch.device = "auto", precision: str = "auto") -> Captioner:
-        """The shipped model (None or its name, "flickr8k"), or a checkpoint file from `captioner train`.
+        """The shipped default (None), a shipped model's name ("flickr8k": the single GRU, the fastest), a
+        checkpoint file from `captioner train`, or a list of those for an ensemble.
 
             cap = Captioner.from_pretrained()
             cap("photo.jpg")                  # -> "a dog runs through the grass"
@@ -75,7 +79,13 @@ class Captioner:
         has native bf16, else fp32), "fp32" or "bf16" (captioner.precision).
         """
         where = resolve_device(device)
-        return cls(checkpoint.load_model(_pretrained_path(name_or_path)), where, resolve(precision, where))
+        if name_or_path is None:
+            names: Sequence[str | Path] = []
+        elif isinstance(name_or_path, (str, Path)):
+            names = [name_or_path]
+        else:
+            names = list(name_or_path)
+        return cls.from_checkpoints(names, where, resolve(precision, where))
 
     @property
     def encoder(self) -> Encoder:

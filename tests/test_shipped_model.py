@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from captioner import checkpoint
-from captioner.inference import default_checkpoint
+from captioner.inference import Captioner, default_checkpoint
+from captioner.model.ensemble import Ensemble
 from captioner.eval.metrics import java_available
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,15 +21,37 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_shipped_model_is_small_float16_and_rebuilds_itself():
-    path = default_checkpoint()
-    assert path.stat().st_size < 25e6
+@pytest.mark.parametrize("name", checkpoint.DEFAULT_MODELS)
+def test_shipped_models_are_float16_and_rebuild_themselves(name):
+    path = checkpoint.pretrained_path(name)
     ckpt = checkpoint.read(path)  # weights_only=True inside
     assert all(t.dtype == torch.float16 for t in ckpt["model"].values() if t.is_floating_point())
     loaded = checkpoint.load_model(path)
     # the project's design: v is injected at every step ("both" also sets h_0 from v)
     assert loaded.model.cfg.conditioning in ("inject", "both")
     assert ckpt["provenance"]["dev_metrics"]["BLEU-4"] > 0
+
+
+def test_the_default_is_the_ensemble_of_the_shipped_models_and_stays_small():
+    paths = checkpoint.default_checkpoints()
+    assert [p.stem for p in paths] == list(checkpoint.DEFAULT_MODELS)
+    assert sum(p.stat().st_size for p in paths) < 40e6
+    assert default_checkpoint() == checkpoint.pretrained_path(checkpoint.SINGLE_MODEL) in paths
+    members = [checkpoint.load_model(p) for p in paths]
+    assert len({len(m.vocab) for m in members}) == 1  # an ensemble reads one vocabulary
+    cap = Captioner.from_pretrained(device="cpu", precision="fp32")
+    assert isinstance(cap.model, Ensemble) and len(cap.model.members) == len(paths)
+    for member, loaded in zip(cap.model.members, members):
+        assert member.cfg == loaded.model.cfg
+    single = Captioner.from_pretrained(checkpoint.SINGLE_MODEL, device="cpu", precision="fp32")
+    assert not isinstance(single.model, Ensemble)
+    # the ensemble averages its members' next-word probabilities (captioner.model.ensemble)
+    features = torch.randn(2, single.model.feature_dim)
+    tokens = torch.full((2,), cap.vocab.start_id)
+    with torch.no_grad():
+        mixed, _ = cap.model.step(tokens, cap.model.init_state(features))
+        each = [m.model.step(tokens, m.model.init_state(features))[0].exp() for m in members]
+    torch.testing.assert_close(mixed.exp(), sum(each) / len(each), rtol=1e-5, atol=1e-6)
 
 
 def test_caption_cli_on_the_example_photos():

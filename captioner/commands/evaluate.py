@@ -46,7 +46,7 @@ def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[
     (recorded in it, see captioner.data.holdout) become its val split, and leave train. Unchanged when
     the checkpoints record no such slice."""
     recorded = {}
-    for path in paths:
+    for path in checkpoint.pretrained_paths(paths):
         raw = checkpoint.read(path).get("holdout")
         if raw is not None:
             recorded[path] = Holdout.from_dict(raw, str(path))
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     fluency = fluency_counts(captions[k] for k in keys)
     print(format_fluency(fluency))
     # One checkpoint is named as before; an ensemble lists its members.
-    described = args.checkpoint if len(args.checkpoint) > 1 else str((args.checkpoint or ["shipped"])[0])
+    named = args.checkpoint or [f"shipped {name}" for name in checkpoint.DEFAULT_MODELS]
+    described = named if len(named) > 1 else str(named[0])
     if args.json:
         out = {
             "checkpoint": described, "data": str(args.data), "split": split,
