@@ -10,6 +10,13 @@ split into its parts (captioner.train.scst.PARTS): drawing the samples, their CI
 baseline, and the policy-gradient pass. Features are extracted once into --cache (fp32) and reused.
 CIDEr-D's document frequencies come from these images alone, which changes the rewards' values but not
 their cost. All figures come from one run; compare the ratios.
+
+Then the two fixes for the samples' ragged lengths, each against the plain form on the same batches of real
+samples (--rounds interleaved rounds, each variant's best kept), fp32:
+- drawing: captions that have said <end> leave the decoder's batch (captioner.model.search), against every
+  row running until the longest caption ends;
+- the policy-gradient pass (forward, backward): the recurrence packed to each sample's own length
+  (CaptionDecoder.forward's `lengths`), against running every row to the longest sample's length.
 """
 
 import argparse
@@ -25,7 +32,9 @@ from captioner.config import load_config
 from captioner.data.dataset import BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import load_records
 from captioner.inference import default_checkpoint
-from captioner.precision import resolve
+from captioner.model.output import Targets
+from captioner.model.search import captioning_policy, draw, sample
+from captioner.precision import FP32, resolve
 from captioner.train import scst
 from captioner.train.step import train_one_epoch
 from captioner.vision.encoders import build_encoder
@@ -39,6 +48,7 @@ def main() -> None:
     p.add_argument("--cache", default="cache")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ragged-length comparison")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,6 +91,72 @@ def main() -> None:
     print(header)
     print("\n".join(lines))
     print(f"(mean sampled caption reward of the last run: {np.float64(result.sample_reward):.3f})")
+    ragged_lengths(store.array, data, vocab, tc, args.rounds)
+
+
+def plain_sample(model, features, generator, max_len, start_id, end_id):
+    """Sampling without the fix: every row runs every step until the longest caption has ended."""
+    state = model.init_state(features)
+    tokens = torch.full((features.shape[0],), start_id)
+    out, ended = [], torch.zeros(features.shape[0], dtype=torch.bool)
+    for t in range(max_len):
+        log_probs, state = model.step(tokens, state)
+        if t == 0:
+            log_probs[:, end_id] = float("-inf")
+        tokens = draw(torch.softmax(log_probs, -1), generator)
+        out.append(tokens)
+        ended |= tokens == end_id
+        if ended.all():
+            break
+    rows = torch.stack(out, 1).tolist()
+    return [r[:r.index(end_id)] if end_id in r else r for r in rows]
+
+
+def ragged_lengths(features, data, vocab, tc, rounds: int) -> None:
+    """Each fix for the ragged samples against its plain form, on the same batches (see the docstring)."""
+    model = checkpoint.load_model(default_checkpoint()).model.eval()
+    policy = captioning_policy(model, vocab)
+    K, max_len = tc.scst_samples, tc.eval_max_len
+    batches = [np.arange(i, min(len(data), i + tc.scst_batch_size)) for i in range(0, len(data), tc.scst_batch_size)]
+    feats = [torch.from_numpy(np.asarray(features[data.rows[b]], dtype=np.float32)).repeat_interleave(K, 0)
+             for b in batches]
+    kw = dict(max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
+    with torch.no_grad():
+        drawn = [sample(policy, f, generator=torch.Generator().manual_seed(i), **kw) for i, f in enumerate(feats)]
+    tensors = [scst.sequence_tensors(d, max_len, vocab.start_id, vocab.end_id, vocab.pad_id) for d in drawn]
+
+    def draw_all(fn):
+        with torch.no_grad():
+            for i, f in enumerate(feats):
+                fn(policy, f, generator=torch.Generator().manual_seed(i), **kw)
+
+    def gradient_all(packed: bool):
+        for f, (inputs, targets) in zip(feats, tensors):
+            mask = targets != vocab.pad_id
+            model.zero_grad(set_to_none=True)
+            weights = torch.randn(int(mask.sum()), generator=torch.Generator().manual_seed(0)) / mask.sum()
+            loss = model(f, inputs, mask, Targets(targets[mask], weights, suppressed=policy.word_ids),
+                         lengths=mask.sum(1) if packed else None)
+            loss.backward()
+
+    variants = {"draw, ended rows leave": lambda: draw_all(sample),
+                "draw, every row runs": lambda: draw_all(plain_sample),
+                "gradient, packed": lambda: gradient_all(True),
+                "gradient, padded": lambda: gradient_all(False)}
+    best = dict.fromkeys(variants, float("inf"))
+    with FP32.autocast():
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    real = sum(int((t != vocab.pad_id).sum()) for _, t in tensors)
+    padded = sum(t.numel() for _, t in tensors)
+    print(f"ragged samples, fp32, {len(batches)} batches of {tc.scst_batch_size * K} samples: "
+          f"{real} real tokens in {padded} padded positions ({100 * real / padded:.0f}%); best of {rounds} rounds")
+    for fix, plain in (("draw, ended rows leave", "draw, every row runs"), ("gradient, packed", "gradient, padded")):
+        print(f"  {fix:<26}{best[fix]:>8.2f} s   {plain:<24}{best[plain]:>8.2f} s   "
+              f"{best[plain] / best[fix]:.2f}x faster")
 
 
 if __name__ == "__main__":

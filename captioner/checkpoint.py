@@ -382,8 +382,37 @@ def pretrained_path(name_or_path: str | Path | None) -> Path:
 
 
 def pretrained_paths(names_or_paths: Sequence[str | Path]) -> list[Path]:
-    """Checkpoint files or shipped models' names -> their files; none named -> the default ensemble's."""
-    return [pretrained_path(p) for p in names_or_paths] if names_or_paths else default_checkpoints()
+    """Checkpoint files or shipped models' names -> their files; none named -> the default ensemble's.
+
+    The run directory of an ensemble (captioner.train.ensemble) stands for its members' best checkpoints."""
+    if not names_or_paths:
+        return default_checkpoints()
+    return [f for p in names_or_paths for f in (member_checkpoints(p) or [pretrained_path(p)])]
+
+
+def member_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The best checkpoints of an ensemble run's members (RUN_DIR/member-i/best.pt, in member order); [] when
+    `run_dir` is not such a folder. A member without a best checkpoint yet is an error naming it."""
+    folder = Path(run_dir).expanduser()
+    if not folder.is_dir():
+        return []
+    members = sorted((d for d in folder.glob("member-*") if d.is_dir() and d.name[7:].isdigit()),
+                     key=lambda d: int(d.name[7:]))
+    unfinished = [str(d) for d in members if not (d / "best.pt").is_file()]
+    if unfinished:
+        raise CaptionerError(f"{folder}: ensemble members without a best.pt yet: {', '.join(unfinished)}")
+    return [d / "best.pt" for d in members]
+
+
+def export_all(src: str | Path, dst: str | Path) -> list[Path]:
+    """`export` for a checkpoint file, or for each member of an ensemble run directory: member 1 goes to
+    `dst`, member i to `dst` with -i before the suffix (flickr8k.pt, flickr8k-2.pt, ...)."""
+    members = member_checkpoints(src)
+    if not members:
+        return [export(src, dst)]
+    dst = Path(dst)
+    return [export(m, dst if i == 1 else dst.with_name(f"{dst.stem}-{i}{dst.suffix}"))
+            for i, m in enumerate(members, start=1)]
 
 
 def default_checkpoint() -> Path:

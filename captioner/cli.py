@@ -194,8 +194,10 @@ def _export(sub) -> None:
 one: float16 weights, no optimizer state. The exported file still rebuilds itself (model config,
 vocabulary, encoder spec) and records where it came from: the resolved training config, the
 epoch, and the dev metrics it was selected on.""")
-    p.add_argument("src", help="a checkpoint written by `captioner train` (best.pt or last.pt)")
-    p.add_argument("dst", help="where to write the float16 model")
+    p.add_argument("src", help="a checkpoint written by `captioner train` (best.pt or last.pt), or the run "
+                               "directory of an ensemble (ensemble.members > 1): each member's best.pt")
+    p.add_argument("dst", help="where to write the float16 model; an ensemble's member i > 1 goes beside it, "
+                               "with -i before the suffix (model.pt, model-2.pt, ...)")
 
 
 def _serve(sub) -> None:

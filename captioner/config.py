@@ -103,11 +103,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EnsembleConfig:
+    # Train this many models by one command, one after another, member i with train.seed + i - 1 and
+    # everything else the same (captioner.train.ensemble); decoded together they average their next-word
+    # probabilities (captioner.model.ensemble). 1: one model, the usual run.
+    members: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 def validate(cfg: Config) -> Config:
@@ -165,6 +174,7 @@ def validate(cfg: Config) -> Config:
         (d.min_count > 0, f"data.min_count must be positive, got {d.min_count}"),
         (d.max_len > 0, f"data.max_len must be positive, got {d.max_len}"),
         (0.0 <= d.holdout < 1.0, f"data.holdout must be in [0, 1), got {d.holdout}"),
+        (cfg.ensemble.members >= 1, f"ensemble.members must be at least 1, got {cfg.ensemble.members}"),
     ]
     for ok, message in checks:
         if not ok:

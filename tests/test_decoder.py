@@ -90,3 +90,48 @@ def test_overfits_a_handful_of_captions(cell, conditioning):
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, f"{cell}/{conditioning} did not learn 4 captions: loss {loss.item():.3f}"
+
+
+@pytest.mark.parametrize("cell,conditioning,layers,highway", [
+    ("gru", "both", 1, False), ("lstm", "inject", 2, False), ("rnn", "init", 2, True), ("gru", "inject", 2, True)])
+def test_ragged_lengths_run_packed_with_the_same_loss_and_gradients(cell, conditioning, layers, highway):
+    """forward(..., lengths=) runs each row for its own steps only (self-critical training's ragged samples):
+    the loss over the real tokens and every gradient equal the padded pass's."""
+    from captioner.model.output import Targets
+
+    model = make(cell, conditioning, layers=layers, highway=highway)
+    feats, tokens = torch.randn(5, F), torch.randint(3, V, (5, 8))
+    lengths = torch.tensor([8, 3, 5, 1, 6])
+    mask = torch.arange(8)[None, :] < lengths[:, None]
+    tokens[~mask] = 0  # padding after each row's end, as sequence_tensors writes it
+    targets = torch.randint(3, V, (5, 8))
+    weights = torch.randn(int(mask.sum()))  # advantages: of both signs, as in the policy gradient
+    grads = []
+    for given in (None, lengths):
+        model.zero_grad()
+        loss = model(feats, tokens, mask, Targets(targets[mask], weights), lengths=given)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (packed, packed_grads) = grads
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # past a row's length the packed outputs are zeros, and the last states are each row's own last step
+    h, last = model.run(feats, tokens, lengths=lengths)
+    assert bool((h[~mask] == 0).all())
+    for i, n in enumerate(lengths.tolist()):
+        _, own = model.run(feats[i:i + 1], tokens[i:i + 1, :n])
+        top = own[-1][0] if isinstance(own[-1], tuple) else own[-1]
+        mine = last[-1][0] if isinstance(last[-1], tuple) else last[-1]
+        torch.testing.assert_close(mine[i:i + 1], top, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cell_path_honours_lengths_as_the_packed_kernel_does():
+    model = make("gru", "both", layers=1)
+    feats, tokens = torch.randn(4, F), torch.randint(3, V, (4, 6))
+    lengths = torch.tensor([6, 2, 4, 1])
+    packed, packed_last = model.run(feats, tokens, lengths=lengths)
+    x = model.embed(tokens) + model._image_inputs(feats)[0].unsqueeze(1)
+    looped, looped_last = model._cell_loop(model.layers[0], x, model._initial_hidden(feats)[0], lengths)
+    torch.testing.assert_close(looped, packed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(looped_last, packed_last[0], atol=1e-5, rtol=1e-5)

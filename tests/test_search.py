@@ -212,3 +212,36 @@ def test_suppressed_words_never_appear_and_other_captions_are_unchanged():
         assert 3 not in caption
     for hyps in beam_search(filtered, feats, beam_size=3, n_best=3, max_len=10):
         assert all(3 not in h.tokens for h in hyps)
+
+
+def _every_row_every_step(model, feats, pick, max_len=20):
+    """Greedy decoding and sampling the plain way: every row runs every step, ended or not."""
+    state = model.init_state(feats)
+    tokens = torch.full((feats.shape[0],), START)
+    out, ended = [], torch.zeros(feats.shape[0], dtype=torch.bool)
+    for t in range(max_len):
+        lp, state = model.step(tokens, state)
+        if t == 0:
+            lp[:, END] = float("-inf")
+        tokens = pick(lp)
+        out.append(tokens)
+        ended |= tokens == END
+        if ended.all():
+            break
+    rows = torch.stack(out, 1).tolist()
+    return [r[:r.index(END)] if END in r else r for r in rows]
+
+
+@pytest.mark.parametrize("cell,layers", [("lstm", 1), ("gru", 2)])
+def test_captions_that_ended_leave_the_batch_without_changing_any_caption(cell, layers):
+    """greedy and sample drop ended captions from the decoder's batch; the captions, and for sampling the
+    random draws, are those of running every row to the end."""
+    model = make(cell, layers=layers, seed=4, end_bias=2.0)
+    feats = torch.randn(40, F)
+    with torch.no_grad():
+        plain_greedy = _every_row_every_step(model, feats, lambda lp: lp.argmax(-1))
+        gen = torch.Generator().manual_seed(3)
+        plain_sampled = _every_row_every_step(model, feats, lambda lp: draw(torch.softmax(lp, -1), gen))
+    assert len({len(c) for c in plain_sampled}) > 3  # ragged: rows really do leave at different steps
+    assert greedy(model, feats) == plain_greedy
+    assert sample(model, feats, generator=torch.Generator().manual_seed(3)) == plain_sampled

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from captioner.checkpoint import export
+from captioner.checkpoint import export_all
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export(args.src, args.dst)
-    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
+    for out in export_all(args.src, args.dst):
+        print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from captioner.config import ModelConfig
 from captioner.model.output import Targets, token_loss
@@ -116,7 +117,7 @@ class CaptionDecoder(nn.Module):
 
     # ---- teacher forcing: whole sequences through the fused kernels ---------------------------------
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
-                targets: Targets | None = None) -> torch.Tensor:
+                targets: Targets | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, F) image vectors; inputs (B, T) word ids starting with <start> -> logits (B, T, V).
 
         Padding after a caption's end is computed but harmless: the recurrence is causal, and the loss
@@ -126,32 +127,41 @@ class CaptionDecoder(nn.Module):
         With `targets` (the N masked positions' next words and their weights) the result is instead the
         weighted loss of those words, a scalar, computed by captioner.model.output a few hundred tokens at a
         time: the (N, V) logits are never built. Training takes this path (through DDP's forward too).
+
+        With `lengths` (B,) -- each row's real steps, the padding after them -- the recurrence runs as a
+        packed sequence: step t multiplies only the rows still running, so a batch of ragged lengths (the
+        captions self-critical training samples) costs its real tokens, not B x T. The outputs at the
+        real steps are the same as without it; those past a row's length are zeros.
         """
-        h, _ = self.run(features, inputs)
+        h, _ = self.run(features, inputs, lengths=lengths)
         h = h[mask] if mask is not None else h
         if targets is not None:
             return token_loss(h.reshape(-1, h.shape[-1]), self.out, targets)
         return self.out(h)
 
-    def run(self, features: torch.Tensor, inputs: torch.Tensor, hidden: list | None = None) -> tuple:
+    def run(self, features: torch.Tensor, inputs: torch.Tensor, hidden: list | None = None,
+            lengths: torch.Tensor | None = None) -> tuple:
         """Teacher-forced pass over inputs (B, T), starting from `hidden` (None: the initial state).
 
         Returns the top layer's outputs after dropout (B, T, H) and each layer's hidden state after the
         last step, so that truncated BPTT can continue the next chunk from where this one stopped.
+        `lengths` (B,): run each row for its own number of steps (see `forward`); the returned states are
+        then each row's state after its own last step.
         """
         x = self.drop(self.embed(inputs))  # (B, T, E)
         if hidden is None:
             hidden = self._initial_hidden(features)
-        return self._layers(x, self._image_inputs(features), hidden)
+        return self._layers(x, self._image_inputs(features), hidden, lengths)
 
-    def _layers(self, x: torch.Tensor, image_inputs: list[torch.Tensor], hidden: list) -> tuple:
+    def _layers(self, x: torch.Tensor, image_inputs: list[torch.Tensor], hidden: list,
+                lengths: torch.Tensor | None = None) -> tuple:
         """x (B, T, E) through every layer: image term added to the input, highway between layers."""
         new_hidden = []
         for i, layer in enumerate(self.layers):
             below = x
             if image_inputs:
                 x = x + image_inputs[i].unsqueeze(1)  # (B, 1, d) broadcast over T: once per caption
-            y, last = self._run_layer(layer, x, hidden[i])  # (B, T, H)
+            y, last = self._run_layer(layer, x, hidden[i], lengths)  # (B, T, H)
             if y.shape[1] == 1:
                 # One step: h_t is both the output and the new state. Send the state's own tensor upward,
                 # so that one tensor carries both of h_t's paths, up the stack and along time, and its
@@ -163,21 +173,36 @@ class CaptionDecoder(nn.Module):
             new_hidden.append(last)
         return x, new_hidden
 
-    def _run_layer(self, layer: nn.Module, x: torch.Tensor, hidden) -> tuple:
+    def _run_layer(self, layer: nn.Module, x: torch.Tensor, hidden, lengths: torch.Tensor | None = None) -> tuple:
         """One layer over x (B, T, d) from `hidden` -> (outputs (B, T, H), final state in the (B, H) layout)."""
-        if x.shape[1] == 1 and self.step_kernel == "cell" or _fused_lstm_unavailable(self.cfg.cell):
-            return self._cell_loop(layer, x, hidden)
-        y, last = layer(x, _to_kernel(hidden))
+        T = x.shape[1]
+        if T == 1 and self.step_kernel == "cell" or _fused_lstm_unavailable(self.cfg.cell):
+            return self._cell_loop(layer, x, hidden, lengths)
+        if lengths is None or bool((lengths >= T).all()):
+            y, last = layer(x, _to_kernel(hidden))
+            return y, _from_kernel(last)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        y, last = layer(packed, _to_kernel(hidden))
+        y, _ = pad_packed_sequence(y, batch_first=True, total_length=T)
         return y, _from_kernel(last)
 
-    def _cell_loop(self, layer: nn.Module, x: torch.Tensor, hidden) -> tuple:
-        """The layer's recurrence one step at a time through the cell function, on the layer's weights."""
+    def _cell_loop(self, layer: nn.Module, x: torch.Tensor, hidden, lengths: torch.Tensor | None = None) -> tuple:
+        """The layer's recurrence one step at a time through the cell function, on the layer's weights.
+        With `lengths`, a row keeps its state once its steps are over and outputs zeros, as packed."""
         cell = _CELL_FNS[self.cfg.cell]
         weights = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
         outputs = []
         for t in range(x.shape[1]):
-            hidden = cell(x[:, t], hidden, *weights)
-            outputs.append(hidden[0] if isinstance(hidden, tuple) else hidden)
+            new = cell(x[:, t], hidden, *weights)
+            if lengths is not None:
+                running = (lengths > t).to(x.device)[:, None]
+                if isinstance(new, tuple):
+                    new = tuple(torch.where(running, n, h) for n, h in zip(new, hidden))
+                else:
+                    new = torch.where(running, new, hidden)
+            hidden = new
+            out = hidden[0] if isinstance(hidden, tuple) else hidden
+            outputs.append(out if lengths is None else out * running)
         return torch.stack(outputs, dim=1), hidden
 
     # ---- one step at a time, for search -------------------------------------------------------------

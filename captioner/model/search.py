@@ -54,23 +54,11 @@ def greedy(model, features: torch.Tensor, max_len: int = 20, start_id: int = STA
            end_id: int = END_ID) -> list[list[int]]:
     """features (B, F) -> B captions, each the arg-max word at every step until <end>."""
     _check_lengths(max_len)
-    B = features.shape[0]
-    state = model.init_state(features)
-    tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)
-    out = torch.empty(B, max_len, dtype=torch.long, device=features.device)  # (B, T) chosen words
-    ended = torch.zeros(B, dtype=torch.bool, device=features.device)
-    steps = 0
-    for t in range(max_len):
-        log_probs, state = model.step(tokens, state)  # (B, V)
-        if t == 0:
-            log_probs[:, end_id] = float("-inf")  # never an empty caption
-        tokens = log_probs.argmax(dim=-1)  # (B,)
-        out[:, t] = tokens
-        steps = t + 1
-        ended |= tokens == end_id
-        if ended.all():
-            break
-    return [_cut_at_end(row, end_id) for row in out[:, :steps].tolist()]
+
+    def pick(log_probs: torch.Tensor, t: int, running: torch.Tensor) -> torch.Tensor:
+        return log_probs.argmax(dim=-1)
+
+    return _word_by_word(model, features, pick, max_len, start_id, end_id)
 
 
 @torch.no_grad()
@@ -80,7 +68,8 @@ def sample(model, features: torch.Tensor, temperature: float = 1.0, top_k: int =
     """features (B, F) -> B captions drawn word by word from softmax(logits / temperature).
 
     top_k > 0 draws only among the k most likely words at each step; a seeded `generator` makes draws
-    repeatable.
+    repeatable. Every step takes one uniform number per image from the generator, running or not, so the
+    draws do not depend on which captions have ended.
     """
     _check_lengths(max_len)
     if temperature <= 0:
@@ -88,36 +77,61 @@ def sample(model, features: torch.Tensor, temperature: float = 1.0, top_k: int =
     if top_k < 0:
         raise CaptionerError(f"top_k must be 0 (off) or positive, got {top_k}")
     B = features.shape[0]
+
+    def pick(log_probs: torch.Tensor, t: int, running: torch.Tensor) -> torch.Tensor:
+        logits = log_probs / temperature  # log-probs are logits shifted per row: same softmax
+        if top_k > 0 and top_k < logits.shape[1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1) the k-th largest
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        u = torch.rand(B, 1, generator=generator, device=features.device)
+        return draw(torch.softmax(logits, dim=-1), u=u[running])
+
+    return _word_by_word(model, features, pick, max_len, start_id, end_id)
+
+
+def _word_by_word(model, features: torch.Tensor, pick, max_len: int, start_id: int,
+                  end_id: int) -> list[list[int]]:
+    """The loop greedy decoding and sampling share: feed each caption's last word, `pick` the next one
+    from the log-probabilities (b, V) of the b captions still running, until every caption has said <end>.
+
+    A caption that has ended leaves the batch (its state rows are dropped with `select_state`), so the
+    decoder's work at each step is that of the captions still running, not of the whole batch: sampled
+    captions are ragged, and the longest one sets the number of steps.
+    """
+    B, device = features.shape[0], features.device
     state = model.init_state(features)
-    tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)
-    out = torch.empty(B, max_len, dtype=torch.long, device=features.device)
-    ended = torch.zeros(B, dtype=torch.bool, device=features.device)
+    running = torch.arange(B, device=device)  # (b,) which captions the decoder's rows are
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=device)
+    out = torch.full((B, max_len), end_id, dtype=torch.long, device=device)  # (B, T); <end> after the end
     steps = 0
     for t in range(max_len):
-        log_probs, state = model.step(tokens, state)  # (B, V)
-        logits = log_probs / temperature  # log-probs are logits shifted per row: same softmax
+        log_probs, state = model.step(tokens, state)  # (b, V)
         if t == 0:
-            logits[:, end_id] = float("-inf")
-        if top_k > 0 and top_k < logits.shape[1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        tokens = draw(torch.softmax(logits, dim=-1), generator)  # (B,)
-        out[:, t] = tokens
+            log_probs[:, end_id] = float("-inf")  # never an empty caption
+        tokens = pick(log_probs, t, running)  # (b,)
+        out[running, t] = tokens
         steps = t + 1
-        ended |= tokens == end_id
-        if ended.all():
+        going = tokens != end_id
+        if not bool(going.any()):
             break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            running, tokens = running[keep], tokens[keep]
+            state = model.select_state(state, keep)
     return [_cut_at_end(row, end_id) for row in out[:, :steps].tolist()]
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of probs (B, V), drawn with those probabilities: inverse-CDF sampling.
 
     The same distribution as torch.multinomial(probs, 1), but one cumulative sum and a binary search per row:
     3.4x faster on this CPU for 250 rows x 2,540 words (16 vs 54 ms), the shape of an SCST sampling step.
+    `u` (B, 1): the uniform numbers to use, instead of drawing them from `generator`.
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
 
 

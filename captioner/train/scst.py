@@ -193,8 +193,10 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         n = int(mask.sum())
         ids = targets[mask]
         weights = policy_weights(advantage[:, None].expand_as(mask)[mask], ids == vocab.end_id, cfg.scst_end_weight)
-        with precision.autocast():  # policy_loss, chunked over the N tokens (captioner.model.output)
-            loss = model(repeated, inputs, mask, Targets(ids, weights, suppressed=suppressed))
+        # policy_loss, chunked over the N tokens (captioner.model.output); the samples are ragged, so the
+        # recurrence runs packed, over each sample's own steps rather than the longest one's
+        with precision.autocast():
+            loss = model(repeated, inputs, mask, Targets(ids, weights, suppressed=suppressed), lengths=mask.sum(1))
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
         loss.backward()
