@@ -1,7 +1,7 @@
 """Captioning one photo, from its file to its caption: the shipped single model against an ensemble.
 
     python3 benchmarks/caption_latency.py [--photo examples/street.jpg] [--rounds 7] [--threads 2]
-                                          [--models flickr8k] [--models flickr8k,flickr8k-large]
+                                          [--models flickr8k] [--models flickr8k,flickr8k-2,flickr8k-3]
                                           [--precision auto]
 
 Each `--models` entry is one captioner: comma-separated shipped names or checkpoint files (several: their

@@ -11,12 +11,15 @@ baseline, and the policy-gradient pass. Features are extracted once into --cache
 CIDEr-D's document frequencies come from these images alone, which changes the rewards' values but not
 their cost. All figures come from one run; compare the ratios.
 
-Then the two fixes for the samples' ragged lengths, each against the plain form on the same batches of real
-samples (--rounds interleaved rounds, each variant's best kept), fp32:
-- drawing: captions that have said <end> leave the decoder's batch (captioner.model.search), against every
-  row running until the longest caption ends;
-- the policy-gradient pass (forward, backward): the recurrence packed to each sample's own length
-  (CaptionDecoder.forward's `lengths`), against running every row to the longest sample's length.
+Then three ways to take an SCST step's samples and policy gradient, on the same batches of the shipped
+model's samples (same generator seeds, so the same captions), fp32, --rounds interleaved rounds with each
+way's best kept:
+- plain: every row runs until the longest caption has ended, then a teacher-forced pass over the samples
+  padded to the longest one (forward, backward);
+- ragged: captions that have said <end> leave the decoder's batch (captioner.model.search), and the
+  teacher-forced pass runs packed, each sample for its own length (CaptionDecoder.forward's `lengths`);
+- one pass (what training runs): the draw keeps its forward pass, and the gradient is applied from it
+  with no second forward (captioner.train.scst.Recorded).
 """
 
 import argparse
@@ -48,7 +51,7 @@ def main() -> None:
     p.add_argument("--cache", default="cache")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ragged-length comparison")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the comparison of ways to take an SCST step")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,11 +94,11 @@ def main() -> None:
     print(header)
     print("\n".join(lines))
     print(f"(mean sampled caption reward of the last run: {np.float64(result.sample_reward):.3f})")
-    ragged_lengths(store.array, data, vocab, tc, args.rounds)
+    step_variants(store.array, data, vocab, tc, args.rounds)
 
 
 def plain_sample(model, features, generator, max_len, start_id, end_id):
-    """Sampling without the fix: every row runs every step until the longest caption has ended."""
+    """Sampling as it was: every row runs every step until the longest caption has ended."""
     state = model.init_state(features)
     tokens = torch.full((features.shape[0],), start_id)
     out, ended = [], torch.zeros(features.shape[0], dtype=torch.bool)
@@ -112,51 +115,68 @@ def plain_sample(model, features, generator, max_len, start_id, end_id):
     return [r[:r.index(end_id)] if end_id in r else r for r in rows]
 
 
-def ragged_lengths(features, data, vocab, tc, rounds: int) -> None:
-    """Each fix for the ragged samples against its plain form, on the same batches (see the docstring)."""
+def step_variants(features, data, vocab, tc, rounds: int) -> None:
+    """The three ways of the docstring, each over every batch; best of `rounds` interleaved rounds."""
     model = checkpoint.load_model(default_checkpoint()).model.eval()
     policy = captioning_policy(model, vocab)
-    K, max_len = tc.scst_samples, tc.eval_max_len
+    K, max_len, ids = tc.scst_samples, tc.eval_max_len, (vocab.start_id, vocab.end_id)
     batches = [np.arange(i, min(len(data), i + tc.scst_batch_size)) for i in range(0, len(data), tc.scst_batch_size)]
     feats = [torch.from_numpy(np.asarray(features[data.rows[b]], dtype=np.float32)).repeat_interleave(K, 0)
              for b in batches]
-    kw = dict(max_len=max_len, start_id=vocab.start_id, end_id=vocab.end_id)
-    with torch.no_grad():
-        drawn = [sample(policy, f, generator=torch.Generator().manual_seed(i), **kw) for i, f in enumerate(feats)]
-    tensors = [scst.sequence_tensors(d, max_len, vocab.start_id, vocab.end_id, vocab.pad_id) for d in drawn]
+    advantages = [torch.randn(len(f), generator=torch.Generator().manual_seed(i)) for i, f in enumerate(feats)]
 
-    def draw_all(fn):
-        with torch.no_grad():
-            for i, f in enumerate(feats):
-                fn(policy, f, generator=torch.Generator().manual_seed(i), **kw)
+    def teacher_forced(f, drawn, advantage, packed: bool) -> None:
+        inputs, targets = scst.sequence_tensors(drawn, max_len, *ids, vocab.pad_id)
+        mask = targets != vocab.pad_id
+        weights = scst.policy_weights(advantage[:, None].expand_as(mask)[mask], targets[mask] == vocab.end_id)
+        loss = model(f, inputs, mask, Targets(targets[mask], weights, suppressed=policy.word_ids),
+                     lengths=mask.sum(1) if packed else None)
+        loss.backward()
 
-    def gradient_all(packed: bool):
-        for f, (inputs, targets) in zip(feats, tensors):
-            mask = targets != vocab.pad_id
+    def two_pass(ragged: bool) -> tuple[float, float, int, int]:
+        drawing = gradient = 0.0
+        real = padded = 0
+        for i, (f, adv) in enumerate(zip(feats, advantages)):
             model.zero_grad(set_to_none=True)
-            weights = torch.randn(int(mask.sum()), generator=torch.Generator().manual_seed(0)) / mask.sum()
-            loss = model(f, inputs, mask, Targets(targets[mask], weights, suppressed=policy.word_ids),
-                         lengths=mask.sum(1) if packed else None)
-            loss.backward()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                draw_fn = sample if ragged else plain_sample
+                drawn = draw_fn(policy, f, generator=torch.Generator().manual_seed(i), max_len=max_len,
+                                start_id=ids[0], end_id=ids[1])
+            t1 = time.perf_counter()
+            teacher_forced(f, drawn, adv, packed=ragged)
+            drawing, gradient = drawing + t1 - t0, gradient + time.perf_counter() - t1
+            real += sum(len(c) + (len(c) < max_len) for c in drawn)
+            padded += len(drawn) * (max(len(c) for c in drawn) + 1)
+        return drawing, gradient, real, padded
 
-    variants = {"draw, ended rows leave": lambda: draw_all(sample),
-                "draw, every row runs": lambda: draw_all(plain_sample),
-                "gradient, packed": lambda: gradient_all(True),
-                "gradient, padded": lambda: gradient_all(False)}
-    best = dict.fromkeys(variants, float("inf"))
+    def one_pass() -> tuple[float, float, int, int]:
+        drawing = gradient = 0.0
+        for i, (f, adv) in enumerate(zip(feats, advantages)):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            recorded = scst.draw_recorded(model, f, policy.word_ids, max_len, torch.Generator().manual_seed(i), *ids)
+            t1 = time.perf_counter()
+            recorded.backward(model.out, adv, vocab.end_id)
+            drawing, gradient = drawing + t1 - t0, gradient + time.perf_counter() - t1
+        return drawing, gradient, 0, 0
+
+    variants = {"plain": lambda: two_pass(False), "ragged": lambda: two_pass(True), "one pass": one_pass}
+    best: dict[str, tuple] = {}
     with FP32.autocast():
         for _ in range(rounds):
             for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    real = sum(int((t != vocab.pad_id).sum()) for _, t in tensors)
-    padded = sum(t.numel() for _, t in tensors)
-    print(f"ragged samples, fp32, {len(batches)} batches of {tc.scst_batch_size * K} samples: "
-          f"{real} real tokens in {padded} padded positions ({100 * real / padded:.0f}%); best of {rounds} rounds")
-    for fix, plain in (("draw, ended rows leave", "draw, every row runs"), ("gradient, packed", "gradient, padded")):
-        print(f"  {fix:<26}{best[fix]:>8.2f} s   {plain:<24}{best[plain]:>8.2f} s   "
-              f"{best[plain] / best[fix]:.2f}x faster")
+                result = fn()
+                if name not in best or sum(result[:2]) < sum(best[name][:2]):
+                    best[name] = result
+    _, _, real, padded = best["plain"]
+    print(f"an SCST step's samples and gradient, fp32, {len(batches)} batches of {tc.scst_batch_size * K} samples: "
+          f"{real} sampled tokens in {padded} padded positions ({100 * real / padded:.0f}%); best of {rounds} rounds")
+    print(f"{'way':<10}{'draw s':>8}{'gradient s':>12}{'total s':>9}{'vs plain':>10}")
+    plain_total = sum(best["plain"][:2])
+    for name, (drawing, gradient, _, _) in best.items():
+        print(f"{name:<10}{drawing:>8.2f}{gradient:>12.2f}{drawing + gradient:>9.2f}"
+              f"{plain_total / (drawing + gradient):>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -353,10 +353,12 @@ def export(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-# The models shipped inside the package, by name (captioner/pretrained/NAME.pt). The default is the ensemble of
-# DEFAULT_MODELS; SINGLE_MODEL is the one-decoder model among them (fastest; what `analyze` looks inside).
+# The models shipped inside the package, by name (captioner/pretrained/NAME.pt): the three members of
+# configs/flickr8k-ensemble.toml, exported by `captioner export RUN_DIR captioner/pretrained/flickr8k.pt`. The
+# default is their ensemble; SINGLE_MODEL, the first (exactly `--config flickr8k`), is the fastest on its own
+# and what `analyze` looks inside.
 SINGLE_MODEL = "flickr8k"
-DEFAULT_MODELS = ("flickr8k", "flickr8k-large")
+DEFAULT_MODELS = ("flickr8k", "flickr8k-2", "flickr8k-3")
 
 
 def _shipped() -> Path:

@@ -62,7 +62,7 @@ def _decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", default=[],
                    help="a checkpoint from `captioner train` or a shipped model's name (flickr8k: the single "
                         "GRU, fastest); give it more than once for the ensemble of those models (default: the "
-                        "shipped ensemble of flickr8k and flickr8k-large)")
+                        "shipped ensemble of flickr8k, flickr8k-2 and flickr8k-3)")
     p.add_argument("--beam-size", type=int, default=3, help="beam width (1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
@@ -216,7 +216,7 @@ The model is loaded once; requests that arrive together are captioned in one bat
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--checkpoint", action="append", default=[],
                    help="a checkpoint from `captioner train` or a shipped model's name; give it more than once "
-                        "for an ensemble (default: the shipped ensemble of flickr8k and flickr8k-large)")
+                        "for an ensemble (default: the shipped ensemble of flickr8k, flickr8k-2 and flickr8k-3)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where the model runs (auto: a GPU when there is one)")
     p.add_argument("--beam-size", type=int, default=3, help="default beam width of a request")

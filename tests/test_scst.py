@@ -60,6 +60,51 @@ def test_sequence_tensors_mark_end_only_for_captions_that_stopped():
     assert targets.tolist() == [[5, 6, 2, 0], [7, 8, 9, 0]]  # the second was cut at max_len: no <end>
 
 
+@pytest.mark.parametrize("cell,layers,end_weight", [("gru", 1, 1.0), ("lstm", 2, 0.5), ("rnn", 1, 2.0)])
+def test_the_drawing_pass_gives_the_teacher_forced_policy_gradient(cell, layers, end_weight):
+    """SCST takes its gradient from the pass that drew the samples (scst.Recorded): the captions are those
+    search.sample draws with the same generator, and the loss and every gradient equal those of the
+    teacher-forced pass over them (policy_loss on sequence_tensors, the never-emitted words masked)."""
+    from captioner.model.output import Targets
+    from captioner.model.search import captioning_policy, sample
+
+    vocab = Vocabulary(SPECIALS + tuple(WORDS))
+    torch.manual_seed(1)
+    cfg = ModelConfig(cell=cell, conditioning="both", embed_dim=12, hidden_dim=16, num_layers=layers, dropout=0.2)
+    model = CaptionDecoder(cfg, len(vocab), 10, vocab.pad_id).eval()
+    with torch.no_grad():
+        model.out.bias[vocab.end_id] = 1.5  # captions of varied lengths, some cut at max_len
+    feats, max_len = torch.randn(24, 10), 7
+    suppressed = captioning_policy(model, vocab).word_ids
+    recorded = scst.draw_recorded(model, feats, suppressed, max_len, torch.Generator().manual_seed(5),
+                                  vocab.start_id, vocab.end_id)
+    drawn = sample(captioning_policy(model, vocab), feats, max_len=max_len, generator=torch.Generator().manual_seed(5),
+                   start_id=vocab.start_id, end_id=vocab.end_id)
+    assert recorded.captions == drawn
+    lengths = {len(c) for c in drawn}
+    assert len(lengths) > 2 and max_len in lengths  # ragged, and some never said <end>
+    advantage = torch.randn(len(drawn))
+    loss = recorded.backward(model.out, advantage, vocab.end_id, end_weight)
+    single = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    inputs, targets = scst.sequence_tensors(drawn, max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
+    mask = targets != vocab.pad_id
+    assert recorded.tokens == int(mask.sum())
+    ids = targets[mask]
+    weights = scst.policy_weights(advantage[:, None].expand_as(mask)[mask], ids == vocab.end_id, end_weight)
+    log_probs = torch.log_softmax(model(feats, inputs, mask).index_fill(1, suppressed, float("-inf")), -1)
+    reference = scst.policy_loss(log_probs.gather(1, ids[:, None]).squeeze(1), advantage[:, None].expand_as(mask)[mask],
+                                 ids == vocab.end_id, end_weight)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), atol=1e-6, rtol=1e-5)
+    chunked = model(feats, inputs, mask, Targets(ids, weights, suppressed=suppressed), lengths=mask.sum(1))
+    torch.testing.assert_close(chunked.detach(), reference.detach(), atol=1e-6, rtol=1e-5)
+    for name, p in model.named_parameters():
+        assert single[name].abs().sum() > 0, f"no gradient reaches {name}"
+        torch.testing.assert_close(single[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return make_flickr_layout(tmp_path_factory.mktemp("tiny") / "flickr")

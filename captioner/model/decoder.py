@@ -212,12 +212,17 @@ class CaptionDecoder(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (B,) previous words -> log-probabilities (B, V) of the next word, new state."""
+        h, state = self.step_hidden(tokens, state)
+        logits = self.out(h)
+        # fp32 log-probabilities even when the GEMMs ran in bf16: beam scores and sampling build on them.
+        return torch.log_softmax(logits.float(), dim=-1), state
+
+    def step_hidden(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (B,) previous words -> the top layer's output h_t (B, H), before W_hy, and the new state."""
         hidden, image_inputs = self._unflatten(state)
         x = self.drop(self.embed(tokens).unsqueeze(1))  # (B, 1, E)
         x, hidden = self._layers(x, image_inputs, hidden)
-        logits = self.out(x.squeeze(1))
-        # fp32 log-probabilities even when the GEMMs ran in bf16: beam scores and sampling build on them.
-        return torch.log_softmax(logits.float(), dim=-1), self._flatten(hidden, image_inputs)
+        return x.squeeze(1), self._flatten(hidden, image_inputs)
 
     def _flatten(self, hidden: list, image_inputs: list[torch.Tensor]) -> State:
         if self.cfg.cell == "lstm":

@@ -12,7 +12,8 @@ The loss is REINFORCE with that baseline, -(r - b) * log p(sample), averaged ove
 sampled caption's <end> counts as a token, so the model also learns when to stop. Sampling, the greedy
 baseline and the log-probabilities all run with dropout off, so the gradient is that of the policy that
 was sampled (and the one decoded at test time). Like decoding, the policy never emits <unk>, <pad> or
-<start>: their log-probabilities are masked to -inf before the softmax here too.
+<start>: their log-probabilities are masked to -inf before the softmax here too. The gradient comes from
+the forward pass that drew the samples (`Recorded`), not from a second, teacher-forced pass over them.
 
 Only the decoder trains (image vectors come from the feature cache); batches are of images, not captions.
 
@@ -45,15 +46,15 @@ from captioner.eval.fluency import ends_badly, repeated_word
 from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
-from captioner.model.output import Targets
-from captioner.model.search import captioning_policy, greedy, sample
+from captioner.model.decoder import CaptionDecoder
+from captioner.model.search import captioning_policy, draw, greedy
 from captioner.precision import FP32, Precision
 
 log = logging.getLogger("captioner")
 
 BASELINES = ("greedy", "mean")
-# The parts of an SCST step, timed: drawing the samples, their CIDEr-D rewards, the greedy baseline's
-# decoding and rewards, and the policy-gradient pass (teacher-forced forward, backward, optimizer step).
+# The parts of an SCST step, timed: drawing the samples (the forward pass, kept for the gradient), their
+# CIDEr-D rewards, the greedy baseline's decoding and rewards, and the policy gradient (backward, optimizer step).
 PARTS = ("sample", "reward", "baseline", "gradient")
 
 
@@ -105,10 +106,12 @@ def rewards(data: RewardData, keys, captions: list[list[int]], vocab: Vocabulary
     return out
 
 
-def policy_weights(token_adv: torch.Tensor, token_is_end: torch.Tensor, end_weight: float = 1.0) -> torch.Tensor:
+def policy_weights(token_adv: torch.Tensor, token_is_end: torch.Tensor, end_weight: float = 1.0,
+                   n_tokens: int | None = None) -> torch.Tensor:
     """Each sampled token's weight on its -log p in the REINFORCE loss: (r - b) / N, the <end> terms times
-    end_weight (so the weight changes the <end> share, not the other tokens' scale)."""
-    weights = token_adv / token_adv.numel()
+    end_weight (so the weight changes the <end> share, not the other tokens' scale). N is `n_tokens`, or
+    the number of tokens given."""
+    weights = token_adv / (token_adv.numel() if n_tokens is None else n_tokens)
     if end_weight != 1.0:
         weights = weights * torch.where(token_is_end, end_weight, 1.0)
     return weights
@@ -141,14 +144,114 @@ def sequence_tensors(captions: list[list[int]], max_len: int, start_id: int, end
     return inputs, targets
 
 
+class Recorded:
+    """Captions drawn from the policy with the decoder's forward pass kept for the policy gradient.
+
+    Drawing a caption already runs the model on it: the teacher-forced pass over the sampled captions
+    that REINFORCE needs computes the same h_t and the same next-word probabilities again. So the draw
+    keeps, for each step t, the top layer's outputs h_t of the captions still running, inside the autograd
+    graph of the recurrence, and the probabilities p_t it drew from (fp32, without a graph). Once the
+    rewards are known, `backward` applies the gradient of the policy loss sum_i w_i * -log p(y_i) with no
+    second forward pass: d/dz_i = w_i (p_i - onehot(y_i)) for each drawn token's logits, through W_hy by
+    two matrix multiplies a step, and then into the recurrence by one backward through the kept graph.
+    The result equals the loss and gradients of the teacher-forced pass over the same captions
+    (`policy_loss` on `sequence_tensors`; tests/test_scst.py).
+    """
+
+    def __init__(self) -> None:
+        self.h: list[torch.Tensor] = []  # per step (b_t, H), in the graph
+        self.probs: list[torch.Tensor] = []  # per step (b_t, V) fp32, the suppressed words at 0
+        self.rows: list[torch.Tensor] = []  # per step (b_t,) which caption each row is
+        self.words: list[torch.Tensor] = []  # per step (b_t,) the word drawn (<end> included)
+        self.captions: list[list[int]] = []  # word ids, no <start> / <end>
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(w) for w in self.words)
+
+    def backward(self, out: torch.nn.Linear, advantage: torch.Tensor, end_id: int, end_weight: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Accumulate the gradient of the REINFORCE loss (`policy_loss`: -(r - b) * log p(token) averaged
+        over the drawn tokens, <end> weighted by end_weight) into the model's .grad; returns the loss.
+
+        `dtype`: the number format of the output layer's two gradient products (bf16 under autocast)."""
+        total = self.tokens
+        loss = torch.zeros((), dtype=torch.float32, device=advantage.device)
+        grad_w = torch.zeros_like(out.weight, dtype=torch.float32)
+        grad_b = torch.zeros(out.weight.shape[0], dtype=torch.float32, device=out.weight.device)
+        w_mm = out.weight.detach().to(dtype)
+        grads_h = []
+        for h, p, rows, y in zip(self.h, self.probs, self.rows, self.words):
+            w = policy_weights(advantage[rows], y == end_id, end_weight, n_tokens=total)
+            picked = p.gather(1, y[:, None]).squeeze(1)
+            loss -= (w * picked.log()).sum()
+            g = p * w[:, None]  # d loss / d logits = w (p - onehot(y))
+            g[torch.arange(len(y), device=g.device), y] -= w
+            g_mm = g.to(dtype)
+            grads_h.append(torch.mm(g_mm, w_mm).to(h.dtype))
+            grad_w += torch.mm(g_mm.t(), h.detach().to(dtype)).float()
+            grad_b += g.sum(0)
+        torch.autograd.backward(self.h, grads_h)
+        for param, grad in ((out.weight, grad_w), (out.bias, grad_b)):
+            if param is None:
+                continue
+            grad = grad.to(param.dtype)
+            param.grad = grad if param.grad is None else param.grad + grad
+        return loss.detach()
+
+
+def draw_recorded(model: CaptionDecoder, features: torch.Tensor, suppressed: torch.Tensor, max_len: int,
+                  generator: torch.Generator | None, start_id: int, end_id: int) -> Recorded:
+    """Sample one caption per row of `features`, as captioner.model.search.sample draws them from the
+    captioning policy (the same uniform numbers, so the same captions), keeping the forward pass for
+    `Recorded.backward`. Call it with gradients enabled and the model in eval mode."""
+    B, device = features.shape[0], features.device
+    record = Recorded()
+    state = model.init_state(features)
+    running = torch.arange(B, device=device)
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=device)
+    out = torch.full((B, max_len), end_id, dtype=torch.long, device=device)
+    steps = 0
+    suppressed = suppressed.to(device)
+    for t in range(max_len):
+        h, state = model.step_hidden(tokens, state)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.out(h.detach()).float(), dim=-1)
+            log_probs[:, suppressed] = float("-inf")  # the policy never emits them (captioning_policy)
+            probs = torch.softmax(log_probs, dim=-1)  # what the loss differentiates: <end> included
+            if t == 0:  # never an empty caption: the draw skips <end> at the first step, as sample() does
+                log_probs[:, end_id] = float("-inf")
+                drawn_from = torch.softmax(log_probs, dim=-1)
+            else:
+                drawn_from = probs
+            u = torch.rand(B, 1, generator=generator, device=device)
+            tokens = draw(drawn_from, u=u[running])
+        record.h.append(h)
+        record.probs.append(probs)
+        record.rows.append(running)
+        record.words.append(tokens)
+        out[running, t] = tokens
+        steps = t + 1
+        going = tokens != end_id
+        if not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            running, tokens = running[keep], tokens[keep]
+            state = model.select_state(state, keep)
+    rows = out[:, :steps].tolist()
+    record.captions = [r[:r.index(end_id)] if end_id in r else r for r in rows]
+    return record
+
+
 def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, vocab: Vocabulary,
                optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, device: torch.device,
                generator: torch.Generator, desc: str = "scst", precision: Precision = FP32,
                progress: bool = True) -> ScstResult:
     """One pass over the training images in shuffled batches of cfg.scst_batch_size images.
 
-    Sampling, the greedy baseline and the policy-gradient forward pass run their GEMMs in `precision`;
-    the log-softmax, the rewards, the advantages and the loss are fp32.
+    Sampling (whose forward pass the policy gradient reuses) and the greedy baseline run their GEMMs in
+    `precision`; the log-softmax, the rewards, the advantages and the loss are fp32.
     """
     K, max_len = cfg.scst_samples, cfg.eval_max_len
     policy = captioning_policy(model, vocab)
@@ -168,11 +271,13 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         repeated = feats.repeat_interleave(K, dim=0)  # (B*K, F): image i's samples are rows iK..iK+K-1
         keys = np.repeat(idx, K)
         model.eval()  # dropout off: sample, baseline and gradient all belong to the test-time policy
+        optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
+        with precision.autocast():  # the draw keeps its forward pass for the policy gradient (Recorded)
+            recorded = draw_recorded(model, repeated, suppressed, max_len, generator, vocab.start_id, vocab.end_id)
+        drawn = recorded.captions
+        t1 = time.perf_counter()
         with torch.no_grad(), precision.autocast():
-            drawn = sample(policy, repeated, max_len=max_len, generator=generator,
-                           start_id=vocab.start_id, end_id=vocab.end_id)
-            t1 = time.perf_counter()
             reward = rewards(data, keys, drawn, vocab, cfg)
             t2 = time.perf_counter()
             if cfg.scst_baseline == "greedy":
@@ -186,20 +291,12 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         advantage = (reward - baseline).to(device)
         t3 = time.perf_counter()
 
-        inputs, targets = sequence_tensors(drawn, max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
-        inputs, targets = inputs.to(device), targets.to(device)
-        mask = targets != vocab.pad_id
-        optimizer.zero_grad(set_to_none=True)
-        n = int(mask.sum())
-        ids = targets[mask]
-        weights = policy_weights(advantage[:, None].expand_as(mask)[mask], ids == vocab.end_id, cfg.scst_end_weight)
-        # policy_loss, chunked over the N tokens (captioner.model.output); the samples are ragged, so the
-        # recurrence runs packed, over each sample's own steps rather than the longest one's
-        with precision.autocast():
-            loss = model(repeated, inputs, mask, Targets(ids, weights, suppressed=suppressed), lengths=mask.sum(1))
+        n = recorded.tokens
+        loss = recorded.backward(model.out, advantage, vocab.end_id, cfg.scst_end_weight,
+                                 dtype=precision.dtype if precision.reduced else torch.float32)
+        del recorded  # the kept graph
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, loss.item())
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
