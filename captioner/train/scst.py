@@ -47,7 +47,7 @@ from captioner.config import TrainConfig
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
-from captioner.model.search import captioning_policy, draw, greedy
+from captioner.model.search import captioning_policy, greedy, sample
 from captioner.precision import FP32, Precision
 
 log = logging.getLogger("captioner")
@@ -156,14 +156,41 @@ class Recorded:
     two matrix multiplies a step, and then into the recurrence by one backward through the kept graph.
     The result equals the loss and gradients of the teacher-forced pass over the same captions
     (`policy_loss` on `sequence_tensors`; tests/test_scst.py).
+
+    It is a decoder seen through a recorder, as captioning_policy sees it (the suppressed words never
+    drawn), so search.sample itself draws the captions (`draw_recorded`): the same ones, from the same
+    uniform numbers, as sample() on the policy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: CaptionDecoder, suppressed: torch.Tensor):
+        self.model, self.suppressed = model, suppressed
         self.h: list[torch.Tensor] = []  # per step (b_t, H), in the graph
         self.probs: list[torch.Tensor] = []  # per step (b_t, V) fp32, the suppressed words at 0
         self.rows: list[torch.Tensor] = []  # per step (b_t,) which caption each row is
         self.words: list[torch.Tensor] = []  # per step (b_t,) the word drawn (<end> included)
         self.captions: list[list[int]] = []  # word ids, no <start> / <end>
+        self._running = torch.empty(0, dtype=torch.long)
+
+    # The decoder interface search drives; sample() runs without gradients, the recorded pass with them.
+    def init_state(self, features: torch.Tensor):
+        self._running = torch.arange(features.shape[0], device=features.device)
+        with torch.enable_grad():
+            return self.model.init_state(features)
+
+    def step(self, tokens: torch.Tensor, state):
+        with torch.enable_grad():
+            h, state = self.model.step_hidden(tokens, state)
+        log_probs = torch.log_softmax(self.model.out(h.detach()).float(), dim=-1)
+        log_probs[:, self.suppressed] = float("-inf")
+        self.h.append(h)
+        self.probs.append(torch.softmax(log_probs, dim=-1))  # <end> included, even where the draw skips it
+        self.rows.append(self._running)
+        return log_probs, state
+
+    def select_state(self, state, index: torch.Tensor):
+        self._running = self._running[index]
+        with torch.enable_grad():
+            return self.model.select_state(state, index)
 
     @property
     def tokens(self) -> int:
@@ -183,8 +210,7 @@ class Recorded:
         grads_h = []
         for h, p, rows, y in zip(self.h, self.probs, self.rows, self.words):
             w = policy_weights(advantage[rows], y == end_id, end_weight, n_tokens=total)
-            picked = p.gather(1, y[:, None]).squeeze(1)
-            loss -= (w * picked.log()).sum()
+            loss -= (w * p.gather(1, y[:, None]).squeeze(1).log()).sum()
             g = p * w[:, None]  # d loss / d logits = w (p - onehot(y))
             g[torch.arange(len(y), device=g.device), y] -= w
             g_mm = g.to(dtype)
@@ -202,45 +228,15 @@ class Recorded:
 
 def draw_recorded(model: CaptionDecoder, features: torch.Tensor, suppressed: torch.Tensor, max_len: int,
                   generator: torch.Generator | None, start_id: int, end_id: int) -> Recorded:
-    """Sample one caption per row of `features`, as captioner.model.search.sample draws them from the
-    captioning policy (the same uniform numbers, so the same captions), keeping the forward pass for
-    `Recorded.backward`. Call it with gradients enabled and the model in eval mode."""
-    B, device = features.shape[0], features.device
-    record = Recorded()
-    state = model.init_state(features)
-    running = torch.arange(B, device=device)
-    tokens = torch.full((B,), start_id, dtype=torch.long, device=device)
-    out = torch.full((B, max_len), end_id, dtype=torch.long, device=device)
-    steps = 0
-    suppressed = suppressed.to(device)
-    for t in range(max_len):
-        h, state = model.step_hidden(tokens, state)
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model.out(h.detach()).float(), dim=-1)
-            log_probs[:, suppressed] = float("-inf")  # the policy never emits them (captioning_policy)
-            probs = torch.softmax(log_probs, dim=-1)  # what the loss differentiates: <end> included
-            if t == 0:  # never an empty caption: the draw skips <end> at the first step, as sample() does
-                log_probs[:, end_id] = float("-inf")
-                drawn_from = torch.softmax(log_probs, dim=-1)
-            else:
-                drawn_from = probs
-            u = torch.rand(B, 1, generator=generator, device=device)
-            tokens = draw(drawn_from, u=u[running])
-        record.h.append(h)
-        record.probs.append(probs)
-        record.rows.append(running)
-        record.words.append(tokens)
-        out[running, t] = tokens
-        steps = t + 1
-        going = tokens != end_id
-        if not bool(going.any()):
-            break
-        if not bool(going.all()):
-            keep = going.nonzero().squeeze(1)
-            running, tokens = running[keep], tokens[keep]
-            state = model.select_state(state, keep)
-    rows = out[:, :steps].tolist()
-    record.captions = [r[:r.index(end_id)] if end_id in r else r for r in rows]
+    """Sample one caption per row of `features` from the captioning policy, keeping the forward pass for
+    `Recorded.backward` (the model in eval mode, so that it is the policy decoded at test time)."""
+    record = Recorded(model, suppressed.to(features.device))
+    record.captions = sample(record, features, max_len=max_len, generator=generator, start_id=start_id,
+                             end_id=end_id)
+    table = torch.full((features.shape[0], len(record.h)), end_id, dtype=torch.long, device=features.device)
+    for i, caption in enumerate(record.captions):
+        table[i, :len(caption)] = torch.tensor(caption, dtype=torch.long)
+    record.words = [table[rows, t] for t, rows in enumerate(record.rows)]
     return record
 
 
