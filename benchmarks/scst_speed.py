@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from captioner import checkpoint
+from captioner import allocator, checkpoint
 from captioner.config import load_config
 from captioner.data.dataset import BucketBatchSampler, CaptionDataset, Collate
 from captioner.data.records import load_records
@@ -66,6 +66,7 @@ def main() -> None:
     rows = store.rows([r.image for r in train])
     vocab = shipped.vocab
     data = scst.RewardData([r.image for r in train], rows, [list(r.captions) for r in train])
+    allocator.print_line()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(train)} images; SCST: "
           f"{tc.scst_samples} samples/image, baseline {tc.scst_baseline}, {tc.scst_batch_size} images/batch")
     header = f"{'precision':<10}{'XE epoch s':>11}{'SCST epoch s':>13}{'SCST/XE':>9}" + "".join(
@@ -157,7 +158,7 @@ def step_variants(features, data, vocab, tc, rounds: int) -> None:
             t0 = time.perf_counter()
             recorded = scst.draw_recorded(model, f, policy.word_ids, max_len, torch.Generator().manual_seed(i), *ids)
             t1 = time.perf_counter()
-            recorded.backward(model.out, adv, vocab.end_id)
+            recorded.backward(adv, vocab.end_id)
             drawing, gradient = drawing + t1 - t0, gradient + time.perf_counter() - t1
         return drawing, gradient, 0, 0
 

@@ -84,7 +84,7 @@ def test_the_drawing_pass_gives_the_teacher_forced_policy_gradient(cell, layers,
     lengths = {len(c) for c in drawn}
     assert len(lengths) > 2 and max_len in lengths  # ragged, and some never said <end>
     advantage = torch.randn(len(drawn))
-    loss = recorded.backward(model.out, advantage, vocab.end_id, end_weight)
+    loss = recorded.backward(advantage, vocab.end_id, end_weight)
     single = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()

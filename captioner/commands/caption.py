@@ -73,4 +73,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def described(checkpoints: list[str]) -> str:
-    return ", ".join(map(str, checkpoints)) if checkpoints else "the shipped model"
+    return ", ".join(map(str, checkpoints)) if checkpoints else "the shipped ensemble"

@@ -196,13 +196,13 @@ class Recorded:
     def tokens(self) -> int:
         return sum(len(w) for w in self.words)
 
-    def backward(self, out: torch.nn.Linear, advantage: torch.Tensor, end_id: int, end_weight: float = 1.0,
+    def backward(self, advantage: torch.Tensor, end_id: int, end_weight: float = 1.0,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Accumulate the gradient of the REINFORCE loss (`policy_loss`: -(r - b) * log p(token) averaged
         over the drawn tokens, <end> weighted by end_weight) into the model's .grad; returns the loss.
 
         `dtype`: the number format of the output layer's two gradient products (bf16 under autocast)."""
-        total = self.tokens
+        out, total = self.model.out, self.tokens  # W_hy
         loss = torch.zeros((), dtype=torch.float32, device=advantage.device)
         grad_w = torch.zeros_like(out.weight, dtype=torch.float32)
         grad_b = torch.zeros(out.weight.shape[0], dtype=torch.float32, device=out.weight.device)
@@ -288,7 +288,7 @@ def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, v
         t3 = time.perf_counter()
 
         n = recorded.tokens
-        loss = recorded.backward(model.out, advantage, vocab.end_id, cfg.scst_end_weight,
+        loss = recorded.backward(advantage, vocab.end_id, cfg.scst_end_weight,
                                  dtype=precision.dtype if precision.reduced else torch.float32)
         del recorded  # the kept graph
         if not torch.isfinite(loss):
