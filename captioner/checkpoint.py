@@ -375,8 +375,10 @@ def pretrained_path(name_or_path: str | Path | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.name != str(name_or_path) or path.suffix in (".pt", ".pth"):  # a path, not a name
+        raise CaptionerError(f"{name_or_path}: checkpoint not found")
     candidate = _shipped() / f"{name_or_path}.pt"
-    if path.name == str(name_or_path) and candidate.is_file():
+    if candidate.is_file():
         return candidate
     names = ", ".join(sorted(p.stem for p in _shipped().glob("*.pt"))) or "none"
     raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
