@@ -86,6 +86,9 @@ class TrainConfig:
     scst_samples: int = 5  # captions sampled per image
     scst_baseline: str = "greedy"  # greedy: the greedy caption's reward (Rennie et al.) | mean: other samples'
     scst_batch_size: int = 50  # images per SCST step
+    # What SCST starts from: best, the cross-entropy epoch with the best dev score (a noisy early peak can
+    # pick an under-trained model); last, the last cross-entropy epoch, where the schedule has run out.
+    scst_start: str = "best"
     # SCST epochs without improvement before the phase ends (0: run them all). Greedy dev CIDEr is noisy from
     # one SCST epoch to the next, so by default the phase runs out and best.pt keeps its best epoch.
     scst_patience: int = 0
@@ -146,6 +149,7 @@ def validate(cfg: Config) -> Config:
         (t.patience >= 0, f"train.patience must be 0 (off) or more, got {t.patience}"),
         (t.scst_patience >= 0, f"train.scst_patience must be 0 (off) or more, got {t.scst_patience}"),
         (t.scst_samples >= 1, f"train.scst_samples must be at least 1, got {t.scst_samples}"),
+        (t.scst_start in ("best", "last"), f"train.scst_start must be best or last, got {t.scst_start!r}"),
         (t.scst_baseline in ("greedy", "mean"), f"train.scst_baseline must be greedy or mean, got {t.scst_baseline!r}"),
         (t.scst_baseline != "mean" or t.scst_samples >= 2, "train.scst_baseline = \"mean\" needs scst_samples >= 2"),
         (t.scst_batch_size > 0, f"train.scst_batch_size must be positive, got {t.scst_batch_size}"),

@@ -169,6 +169,40 @@ def test_patience_ends_cross_entropy_early_but_scst_only_with_its_own_patience(t
     assert [e["best"] for e in log] == [True] + [False] * (len(phases) - 1)
 
 
+@pytest.mark.parametrize("start", ["best", "last"])
+def test_scst_starts_from_the_best_or_the_last_cross_entropy_epoch(tiny_data, tmp_path, monkeypatch, start):
+    # The dev score peaks at the first of three cross-entropy epochs, so best.pt holds epoch 1 and the
+    # model the last epoch leaves differs from it. SCST's first epoch must start from the one asked for.
+    real = training._dev_metrics
+    scores = iter([1.0] + [0.5] * 5)
+    monkeypatch.setattr(training, "_dev_metrics", lambda *a: {**real(*a), "CIDEr": next(scores)})
+    after_xe, at_scst = {}, {}
+    real_xe, real_scst = train_step.train_one_epoch, scst.scst_epoch
+
+    def xe_epoch(model, *args, **kwargs):
+        result = real_xe(model, *args, **kwargs)
+        after_xe.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return result
+
+    def scst_epoch(model, *args, **kwargs):
+        if not at_scst:
+            at_scst.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_scst(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_step, "train_one_epoch", xe_epoch)
+    monkeypatch.setattr(scst, "scst_epoch", scst_epoch)
+    cfg = _cfg(tiny_data, tmp_path / "cache", "train.epochs=3", "train.scst_epochs=1", "train.select_metric=CIDEr",
+               "train.scst_batch_size=4", "train.scst_samples=3", f"train.scst_start={start}")
+    training.fit(cfg, tmp_path / "run")
+    best = checkpoint.read(tmp_path / "run" / "best.pt", training=True)
+    assert best["epoch"] == 1
+    expected = best["model"] if start == "best" else after_xe
+    other = after_xe if start == "best" else best["model"]
+    assert any(not torch.equal(other[k], expected[k]) for k in expected)  # the two starts differ
+    for key, value in expected.items():
+        torch.testing.assert_close(at_scst[key], value, rtol=0, atol=0)
+
+
 def test_scst_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     cfg = _cfg(tiny_data, tmp_path / "cache", "train.epochs=2", "train.scst_epochs=2", "train.scst_lr=1e-3",
                "train.scst_batch_size=4", "train.scst_samples=3", "train.scst_baseline=mean")

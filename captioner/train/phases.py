@@ -103,7 +103,8 @@ class XEPhase:
 
 
 class ScstPhase:
-    """Self-critical sequence training on the CIDEr-D reward (captioner.train.scst), from the best XE model."""
+    """Self-critical sequence training on the CIDEr-D reward (captioner.train.scst), from the best or the last
+    XE model (train.scst_start)."""
 
     name = "scst"
 
@@ -112,9 +113,10 @@ class ScstPhase:
 
     def begin(self, trainer: Trainer) -> None:
         tc = trainer.cfg.train
-        if trainer.best_path.is_file():  # start from the best cross-entropy model, with a fresh optimizer
+        if tc.scst_start == "best" and trainer.best_path.is_file():  # the best cross-entropy model so far
             best = checkpoint.load_model(trainer.best_path)
             checkpoint.load_state(trainer.model, best.model.state_dict(), trainer.best_path)
+        # else the model as the last cross-entropy epoch left it; either way with a fresh optimizer
         trainer.optimizer = torch.optim.AdamW(trainer.groups, lr=tc.scst_lr, weight_decay=tc.weight_decay)
 
     def run_epoch(self, trainer: Trainer, epoch: int, shuffle: torch.Generator) -> EpochResult:
