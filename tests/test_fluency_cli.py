@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from captioner.eval.fluency import fluency_counts
+from captioner.eval.hallucination import object_hallucination
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,12 @@ def test_evaluate_prints_and_writes_fluency_and_the_levers_work(coco_mini_root, 
         report = reports[name] = json.loads(out.read_text())
         assert report["fluency"] == fluency_counts(e["caption"] for e in report["per_image"])
         assert report["fluency"]["images"] == 40
+        assert "CHAIR-i" in proc.stdout and "CHAIR-s" in proc.stdout
+        again = object_hallucination({e["image"]: e["caption"] for e in report["per_image"]},
+                                     {e["image"]: e["references"] for e in report["per_image"]})
+        assert report["hallucination"]["chair_s"] == again["chair_s"] and report["hallucination"]["mentions"] > 0
+        assert [e["hallucinated"] for e in report["per_image"]] == [again["per_image"][e["image"]]
+                                                                      for e in report["per_image"]]
     for name, report in reports.items():
         print(f"\n{name}: {report['fluency']}")
     levers, plain = reports["levers"], reports["plain"]

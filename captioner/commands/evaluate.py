@@ -14,6 +14,7 @@ from captioner.commands import guards_of
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
+from captioner.eval.hallucination import format_hallucination, object_hallucination
 from captioner.eval.metrics import format_table, score_captions
 from captioner.device import resolve_device
 from captioner.inference import Captioner
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(scores.totals, len(records)))
     fluency = fluency_counts(captions[k] for k in keys)
     print(format_fluency(fluency))
+    objects = object_hallucination(captions, references)
+    print(format_hallucination(objects))
     # One checkpoint is named as before; an ensemble lists its members.
     named = args.checkpoint or [f"shipped {name}" for name in checkpoint.DEFAULT_MODELS]
     described = named if len(named) > 1 else str(named[0])
@@ -106,8 +109,10 @@ def run(args: argparse.Namespace) -> int:
             "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
             "repeat_guard": args.repeat_guard,
             "totals": scores.totals, "fluency": fluency,
+            "hallucination": {k: v for k, v in objects.items() if k != "per_image"},
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
-                           "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
+                           "scores": scores.per_image.get(k, {}), "hallucinated": objects["per_image"][k]}
+                          for k, r in zip(keys, records)],
         }
         Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
     if args.html:
