@@ -47,6 +47,7 @@ class EncoderConfig:
     fine_tune_lr_scale: float = 0.1  # the encoder's learning rate as a fraction of train.lr
     flip_average: bool = False  # v = mean of f(image) and f(mirrored image); cached apart from plain v
     pooling: str = "mean"  # the last grid -> v: mean | max | meanmax (both concatenated); cached apart
+    tags: bool = False  # v ends with the ImageNet tag words' probabilities (captioner.vision.tags); cached apart
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ def validate(cfg: Config) -> Config:
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),
         (cfg.encoder.pooling in POOLINGS,
          f"encoder.pooling must be one of {', '.join(POOLINGS)}, got {cfg.encoder.pooling!r}"),
+        (not (cfg.encoder.tags and cfg.encoder.pooling == "max"),
+         "encoder.tags needs the mean-pooled v: use encoder.pooling mean or meanmax"),
         (cfg.encoder.batch_size > 0, f"encoder.batch_size must be positive, got {cfg.encoder.batch_size}"),
         (cfg.encoder.num_workers >= 0, f"encoder.num_workers must be 0 or more, got {cfg.encoder.num_workers}"),
         (math.isfinite(t.lr), f"train.lr must be finite, got {t.lr}"),

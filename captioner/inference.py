@@ -95,7 +95,8 @@ class Captioner:
                 stored = self.loaded.encoder_spec()
             except CaptionerError as err:
                 raise CaptionerError(f"the checkpoint's {err}") from None
-            encoder = build_encoder(stored.name, flip_average=stored.flip_average, pooling=stored.pooling)
+            encoder = build_encoder(stored.name, flip_average=stored.flip_average, pooling=stored.pooling,
+                                    tags=stored.tags)
             if self.loaded.encoder_state is not None:  # trained with the encoder's last blocks: its own weights
                 checkpoint.load_state(encoder, self.loaded.encoder_state, "checkpoint's encoder_state")
                 encoder.freeze()

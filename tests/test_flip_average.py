@@ -21,8 +21,8 @@ from captioner.inference import Captioner
 from tiny_data import make_flickr_layout
 
 REPO = Path(__file__).resolve().parents[1]
-# A checkpoint stored before the options existed (flip_average, and pooling after it).
-OLD_SPEC = {k: v for k, v in asdict(LITE0_SPEC).items() if k not in ("flip_average", "pooling")}
+# A checkpoint stored before the options existed (flip_average, then pooling, then tags).
+OLD_SPEC = {k: v for k, v in asdict(LITE0_SPEC).items() if k not in ("flip_average", "pooling", "tags")}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Fine-tuning a trained model on new data: `captioner train --init-from flickr8k --data DIR`.
 
 The model given (a checkpoint file, or a shipped model's name) brings its architecture, its weights, its
-vocabulary and its encoder: the config's model section and the encoder's name, flip_average and pooling are
-replaced by the model's own, with one line saying which keys changed. The training settings come from
+vocabulary and its encoder: the config's model section and the encoder's name, flip_average, pooling and
+tags are replaced by the model's own, with one line saying which keys changed. The training settings come from
 `--config`, or, without one, from the config the model was trained with (when it stores one). The source is
 recorded as train.init_from in the run's config, so that `--resume` before the first checkpoint starts from
 it again (after that, last.pt holds the weights).
@@ -26,7 +26,7 @@ log = logging.getLogger("captioner")
 
 # The encoder settings that define the image vector, which the model's weights were trained on; the other
 # encoder keys (batch_size, num_workers, fine_tune, ...) are training settings and come from the config.
-ENCODER_KEYS = ("name", "flip_average", "pooling")
+ENCODER_KEYS = ("name", "flip_average", "pooling", "tags")
 # Keys of a stored config that describe the machine it ran on, not how to train.
 _MACHINE_KEYS = {"data": ("root", "cache_dir"), "train": ("init_from",)}
 

@@ -92,7 +92,8 @@ def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist
     if dist.is_main:
         log.info("%d train and %d val images; vocabulary of %d words (%s)", len(train), len(val), len(vocab),
                  f"min_count {cfg.data.min_count}" if built else "the model's own")
-    encoder = build_encoder(cfg.encoder.name, flip_average=cfg.encoder.flip_average, pooling=cfg.encoder.pooling)
+    encoder = build_encoder(cfg.encoder.name, flip_average=cfg.encoder.flip_average, pooling=cfg.encoder.pooling,
+                            tags=cfg.encoder.tags)
     if cfg.encoder.fine_tune > 0:  # images go through the CNN at every step: the cache is bypassed
         return Prepared(train, val, vocab, FineTunedFeatures(encoder.unfreeze_last(cfg.encoder.fine_tune),
                                                              [r.image for r in train + val], cfg.encoder), held)

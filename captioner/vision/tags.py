@@ -20,11 +20,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 
 from captioner.errors import CaptionerError
-from captioner.vision.encoders import Encoder
+
+if TYPE_CHECKING:
+    from captioner.vision.encoders import Encoder
 
 TABLE = "imagenet_words.tsv"
 N_CLASSES = 1000
@@ -74,16 +77,14 @@ def _class_to_word() -> torch.Tensor:
 def class_probabilities(encoder: Encoder, v: torch.Tensor) -> torch.Tensor:
     """(B, feature_dim) v -> (B, 1000) ImageNet class probabilities from the encoder's classifier.
 
-    The classifier was trained on the mean-pooled grid: with `meanmax` pooling it gets v's mean half;
-    `max` pooling alone keeps no mean to give it."""
+    The classifier was trained on the mean-pooled grid, which is where v starts (with `meanmax` pooling
+    the max follows, with tags the tag probabilities); `max` pooling alone keeps no mean to give it."""
     if encoder.classifier is None:
         raise CaptionerError(f"encoder {encoder.spec.name} has no ImageNet classifier to tag images with")
-    pooling = encoder.spec.pooling
-    if pooling == "meanmax":
-        v = v[..., : v.shape[-1] // 2]
-    elif pooling != "mean":
-        raise CaptionerError(f"tags need the mean-pooled feature; encoder pooling is {pooling!r}")
+    if encoder.spec.pooling == "max":
+        raise CaptionerError("tags need the mean-pooled feature; encoder pooling is 'max'")
     weight = encoder.classifier.weight
+    v = v[..., : weight.shape[1]]
     with torch.no_grad():
         logits = encoder.classifier(v.to(device=weight.device, dtype=weight.dtype))
     return logits.float().softmax(dim=-1)

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision import transforms
 
 from captioner.errors import CaptionerError
+from captioner.vision.tags import tag_words, word_probabilities
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EncoderSpec:
     # describe the same features: see spec_key and spec_with_defaults.
     flip_average: bool = False  # v = mean of f(image) and f(image mirrored left-right)
     pooling: str = "mean"       # how the last grid becomes v: mean | max | meanmax (both, concatenated)
+    tags: bool = False          # v ends with the tag words' probabilities (captioner.vision.tags)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,11 +99,13 @@ def list_encoders() -> list[str]:
 
 
 def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False,
-                  pooling: str = "mean") -> "Encoder":
+                  pooling: str = "mean", tags: bool = False) -> "Encoder":
     """The named pretrained encoder, frozen and in eval mode. CaptionerError for unknown names/missing weights.
 
     flip_average: v is the mean of the features of the image and of its mirror image (see Encoder.forward).
     pooling: mean (the default), max, or meanmax (the two concatenated: v twice as long).
+    tags: v ends with the probabilities of the tag words that the encoder's ImageNet classifier gives the
+    image (captioner.vision.tags), so a decoder sees what the classifier sees.
     """
     if pooling not in POOLINGS:
         raise CaptionerError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
@@ -116,6 +120,11 @@ def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False,
         grid_dim = encoder.spec.feature_dim
         encoder.spec = replace(encoder.spec, pooling=pooling,
                                feature_dim=2 * grid_dim if pooling == "meanmax" else grid_dim)
+    if tags:
+        if encoder.classifier is None or pooling == "max":
+            why = "has no ImageNet classifier" if encoder.classifier is None else "keeps no mean-pooled v (pooling max)"
+            raise CaptionerError(f"encoder {name} {why}, so it cannot give tags")
+        encoder.spec = replace(encoder.spec, tags=True, feature_dim=encoder.spec.feature_dim + len(tag_words()))
     return encoder
 
 
@@ -142,7 +151,10 @@ class Encoder(nn.Module):
         caption should say, so the two views are two looks at the same content (test-time augmentation,
         applied in training too so that v means the same thing). Both views run as one batch of 2B.
         """
-        return self._pooled(x, self.spec.pooling)
+        v = self._pooled(x, self.spec.pooling)
+        if not self.spec.tags:
+            return v
+        return torch.cat([v, word_probabilities(self, v).to(v.dtype)], dim=-1)
 
     def _pooled(self, x: torch.Tensor, pooling: str) -> torch.Tensor:
         if not self.spec.flip_average:
