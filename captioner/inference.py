@@ -164,7 +164,7 @@ class Captioner:
             images, ok, results = [], [], {}
             for path in chunk:
                 try:
-                    images.append(load_image(path))
+                    images.append(load_image(path, min_side=self.encoder.spec.resize))
                     ok.append(path)
                 except CaptionerError as err:
                     results[path] = err
@@ -195,9 +195,9 @@ class Captioner:
                  length_penalty: float = 0.0, batch_size: int = 16, guards: Guards = Guards()):
         """Caption one image or a list of them.
 
-        An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
-        gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
-        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
+        An image is a path, an http(s) URL, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W)
+        tensor. One image gives its caption (a str); a list gives a list, captioned in batches of
+        `batch_size`. With n_best=k each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
         beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
         3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
         measured best; `captioner.Guards.off()` for plain beam search). A bad input raises CaptionerError
@@ -216,7 +216,7 @@ class Captioner:
         decoded = []
         for i, item in enumerate(items):
             name = str(item) if isinstance(item, (str, Path)) else ("image" if single else f"images[{i}]")
-            decoded.append(as_image(item, name))
+            decoded.append(as_image(item, name, min_side=self.encoder.spec.resize))
         hyps = self.caption_pil(decoded, beam_size=beam_size, max_len=max_len, n_best=n_best or 1,
                                 length_penalty=length_penalty, batch_size=batch_size,
                                 guards=guards) if decoded else []
