@@ -195,13 +195,13 @@ class Captioner:
                  length_penalty: float = 0.0, batch_size: int = 16, guards: Guards = Guards()):
         """Caption one image or a list of them.
 
-        An image is a path, an http(s) URL, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W)
-        tensor. One image gives its caption (a str); a list gives a list, captioned in batches of
-        `batch_size`. With n_best=k each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
+        An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
+        gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
+        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
         beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
         3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
         measured best; `captioner.Guards.off()` for plain beam search). A bad input raises CaptionerError
-        naming it.
+        naming it. A path that starts with http:// or https:// is downloaded (captioner.vision.download).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
