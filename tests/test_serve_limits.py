@@ -271,3 +271,39 @@ def test_the_form_may_send_a_url_instead_of_a_photo():
     finally:
         web.shutdown()
         web.server_close()
+
+
+def test_the_memory_budget_lets_small_reservations_past_a_large_one_and_cancelled_ones_go():
+    import asyncio
+
+    from captioner.serve.budget import Budget
+
+    async def main():
+        budget = Budget(100)
+        order = []
+
+        async def hold(name, amount, gate):
+            async with budget.hold(amount):
+                order.append(name)
+                await gate.wait()
+
+        first, large, small, done = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(hold("first", 60, first))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(hold("large", 90, large)))  # must wait for "first"
+        gone = asyncio.create_task(hold("cancelled", 80, done))
+        tasks.append(asyncio.create_task(hold("small", 30, small)))  # fits beside "first": goes ahead
+        await asyncio.sleep(0.01)
+        assert order == ["first", "small"] and budget.used == 90
+        gone.cancel()
+        small.set()
+        first.set()
+        await asyncio.sleep(0.01)
+        assert order == ["first", "small", "large"] and budget.used == 90
+        large.set()
+        await asyncio.gather(*tasks)
+        assert budget.used == 0 and budget.peak == 90
+        assert budget.try_reserve(150) and not budget.try_reserve(1)  # too large for it: alone
+        budget.release(150)
+
+    asyncio.run(main())

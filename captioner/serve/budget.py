@@ -7,8 +7,10 @@
     budget.release(n)
 
 A reservation larger than the whole budget is let through when nothing else holds any, so one large
-(but allowed) image is served alone instead of never. Waiters are served in turn (first come, first
-served), so a large image is not starved by a stream of small ones.
+(but allowed) image is served alone instead of never. Waiters are served in order of arrival, except
+that one that fits goes ahead of an earlier one that does not: a photo of a few megabytes is not held up
+behind a queue of 90-megapixel uploads decoded one at a time (small reservations come and go quickly, so
+the large ones still get their turn).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class Budget:
         self.peak = max(self.peak, self.used)
 
     def try_reserve(self, amount: int) -> bool:
-        """Reserve `amount` now if it fits (and nobody waits ahead); False otherwise."""
-        if self._waiters or not self._fits(amount):
+        """Reserve `amount` now if it fits; False otherwise."""
+        if not self._fits(amount):
             return False
         self._take(amount)
         return True
@@ -53,7 +55,7 @@ class Budget:
             if future.done() and not future.cancelled():  # granted just as we were cancelled: give it back
                 self.release(amount)
             else:
-                with contextlib.suppress(ValueError):  # _wake may have dropped it already
+                with contextlib.suppress(ValueError):  # _wake may have removed it already
                     self._waiters.remove(entry)
                 self._wake()
             raise
@@ -63,9 +65,12 @@ class Budget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            amount, future = self._waiters.popleft()
-            if not future.done():
+        for entry in list(self._waiters):
+            amount, future = entry
+            if future.done():
+                self._waiters.remove(entry)
+            elif self._fits(amount):
+                self._waiters.remove(entry)
                 self._take(amount)
                 future.set_result(None)
 
