@@ -125,8 +125,9 @@ def hostile(args) -> None:
     print(f"server RSS after warm-up {before['VmRSS']:.0f} MB; peak (VmHWM) {after['VmHWM']:.0f} MB "
           f"(target: under 2500 MB)")
     print(f"large uploads answered: {statuses}; good requests answered with a caption: {good_ok}/{len(good)} "
-          f"(slowest {max(t for _, t in good):.1f} s); all done in {wall:.1f} s; "
-          f"decode budget peak {served['decode_bytes_peak'] / 1e6:.0f} MB")
+          f"(slowest {max(t for _, t in good):.1f} s); all done in {wall:.1f} s"
+          + (f"; decode budget peak {served['decode_bytes_peak'] / 1e6:.0f} MB" if "decode_bytes_peak" in served
+             else ""))
 
 
 def main() -> None:

@@ -95,6 +95,6 @@ def server_config(app, max_connections: int = 64, request_timeout: float = 60.0)
 
     return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                           http=with_head_timeout(request_timeout), limit_concurrency=max_connections,
-                          timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+                          timeout_keep_alive=5,
                           timeout_graceful_shutdown=5)
 
