@@ -85,6 +85,9 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
     # Decoding uploads runs on worker threads; no more at once than there are cores, so decoding and
     # the model's torch threads do not pile up on the CPU.
     decoders = anyio.CapacityLimiter(max(1, len(os.sched_getaffinity(0))))
+    # Downloads (the `url` field) wait on the network, not the CPU: their own few threads, so a slow site
+    # never holds up decoding.
+    fetchers = anyio.CapacityLimiter(4)
     decode_budget = Budget(decode_budget_bytes)
     body_limit = max_upload_bytes + _FORM_OVERHEAD
     bodies = Budget(body_budget_bytes or max(8 * body_limit, 64_000_000))
@@ -126,7 +129,7 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
             if not is_url(name):
                 raise Refused(400, f"url must start with http:// or https://, got {name[:80]!r}")
             data = await _checked(anyio.to_thread.run_sync(download, name, download_timeout, max_upload_bytes,
-                                                           limiter=decoders))
+                                                           limiter=fetchers))
         else:
             raise Refused(400, "no `image` field in the form (send the photo as multipart field `image`, "
                                "or its address as field `url`)")
