@@ -108,11 +108,17 @@ def test_reduced_decoding_feeds_the_encoder_nearly_the_same_pixels():
     assert diff.mean() < 1.0 and diff.max() <= 4
 
 
-def test_palette_images_are_reduced_too():
+def test_palette_bilevel_and_16_bit_images_are_reduced_too():
+    """Modes whose pixels cannot be averaged as they are (palette indexes, 1-bit, 16-bit) are converted
+    to RGB first, not reported as corrupt."""
     img = Image.new("P", (2400, 1800), 1)
     img.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
     out = decode_image(png_bytes(img), "palette.png", min_side=256)
     assert out.size == (800, 600) and out.getpixel((5, 5)) == (200, 30, 30)
+    assert decode_image(png_bytes(Image.new("1", (2400, 1800), 1)), "bw", min_side=256).getpixel((5, 5)) == (
+        255, 255, 255)
+    deep = Image.fromarray(np.full((1800, 2400), 65535, np.uint16))
+    assert decode_image(png_bytes(deep), "deep", min_side=256).getpixel((5, 5)) == (255, 255, 255)
 
 
 # ---- URLs -----------------------------------------------------------------------------------------------

@@ -90,8 +90,9 @@ def check_size(width: int, height: int, name, max_pixels: int = MAX_PIXELS) -> N
                              f"as long as it is wide; refused (resizing it would take too much memory)")
 
 
-# Modes `Image.reduce` works on directly.
-_REDUCIBLE_MODES = frozenset({"1", "L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"})
+# Modes whose pixels `Image.reduce` may average directly (not palette indexes, not 1-bit or 16-bit ones).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                              "I", "F"})
 
 
 def _peek(img: Image.Image, name, max_pixels: int) -> tuple[int, int, str]:
@@ -119,7 +120,8 @@ def _decode(opener, name, max_pixels: int = MAX_PIXELS, min_side: int | None = N
             img.load()  # decode everything now so truncation surfaces here, not in a later step
             factor = _reduction(*img.size, min_side)
             if factor > 1:
-                img = (img if img.mode in _REDUCIBLE_MODES else to_rgb(img, name)).reduce(factor)
+                averaged = img.mode in _REDUCIBLE_MODES and "transparency" not in img.info
+                img = (img if averaged else to_rgb(img, name)).reduce(factor)
             return ImageOps.exif_transpose(img)  # a decoded copy, independent of the file
 
     img = _guarded(decode, name)
