@@ -205,13 +205,16 @@ def _serve(sub) -> None:
                        description="""Serve the captioner over HTTP (needs the serve extra: pip install 'captioner[serve]').
 
     GET  /          a page to drop or pick photos and see their captions
-    POST /caption   multipart field `image` (optional fields beam_size, n_best)
+    POST /caption   multipart field `image`, or `url` (an http(s) address the server downloads);
+                    optional fields beam_size, n_best
                     -> {"caption": ..., "n_best": [{"caption": ..., "score": ...}, ...]}
     GET  /health    {"status": "ok", ...}
 
 The model is loaded once; requests that arrive together are captioned in one batch (up to
 --max-batch images, waiting at most --max-wait-ms for more). Bad uploads get a 4xx answer with
-{"error": ...}; nothing is written to disk.""")
+{"error": ...}; nothing is written to disk. Memory is bounded: a full queue answers 503 with
+Retry-After. Only requests naming this server (Host) from its own page or no page at all (Origin) are
+served: --allow-host and --allow-origin add others.""")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--checkpoint", action="append", default=[],
@@ -228,6 +231,17 @@ The model is loaded once; requests that arrive together are captioned in one bat
                    help="largest upload accepted, in megabytes; larger ones are refused unread")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the model (0: the cores this process may use)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most decoded images waiting for a batch; past it requests get 503 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="most open connections and requests at once (more get 503)")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds a client may take to send a request's headers, and again its body")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://example.com) whose pages may use the server; repeatable")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name the server may be reached by besides 127.0.0.1, localhost and --host "
+                        "(needed with --host 0.0.0.0: the machine's name or address); repeatable")
 
 
 COMMANDS = {"caption": _caption, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}

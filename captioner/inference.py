@@ -165,7 +165,7 @@ class Captioner:
             images, ok, results = [], [], {}
             for path in chunk:
                 try:
-                    images.append(load_image(path))
+                    images.append(load_image(path, min_side=self.encoder.spec.resize))
                     ok.append(path)
                 except CaptionerError as err:
                     results[path] = err
@@ -202,7 +202,7 @@ class Captioner:
         beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
         3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
         measured best; `captioner.Guards.off()` for plain beam search). A bad input raises CaptionerError
-        naming it.
+        naming it. A path that starts with http:// or https:// is downloaded (captioner.vision.download).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -217,7 +217,7 @@ class Captioner:
         decoded = []
         for i, item in enumerate(items):
             name = str(item) if isinstance(item, (str, Path)) else ("image" if single else f"images[{i}]")
-            decoded.append(as_image(item, name))
+            decoded.append(as_image(item, name, min_side=self.encoder.spec.resize))
         hyps = self.caption_pil(decoded, beam_size=beam_size, max_len=max_len, n_best=n_best or 1,
                                 length_penalty=length_penalty, batch_size=batch_size,
                                 guards=guards) if decoded else []

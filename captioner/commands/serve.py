@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import socket
 import sys
 
@@ -43,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
                              ("--max-len", args.max_len, 1), ("--threads", args.threads, 0)):
         if value < low:
             raise CaptionerError(f"{name} must be at least {low}, got {value}")
-    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
-        raise CaptionerError("--max-wait-ms must be 0 or more and --max-upload-mb above 0")
+    for name, value, low in (("--max-queue", args.max_queue, 1), ("--max-connections", args.max_connections, 1)):
+        if value < low:
+            raise CaptionerError(f"{name} must be at least {low}, got {value}")
+    if args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.request_timeout <= 0:
+        raise CaptionerError("--max-wait-ms must be 0 or more, --max-upload-mb and --request-timeout above 0")
+    for origin in args.allow_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
+            raise CaptionerError(f"--allow-origin takes an origin such as https://example.com, got {origin!r}")
     if not 0 <= args.port <= 65535:
         raise CaptionerError(f"--port must be 0..65535, got {args.port}")
 
@@ -67,13 +74,27 @@ def run(args: argparse.Namespace) -> int:
     captioner.encoder  # built now, not on the first request
     app = create_app(captioner, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      max_upload_bytes=int(args.max_upload_mb * 1e6), beam_size=args.beam_size,
-                     max_len=args.max_len)
+                     max_len=args.max_len, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                     host=args.host, allow_hosts=args.allow_host, allow_origins=args.allow_origin)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"captioner serve: listening on http://{shown}:{port}/ (device {captioner.device}, "
           f"{threads} torch threads, batches of up to {args.max_batch} within {args.max_wait_ms:g} ms)",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(server_config(app, args.max_connections, args.request_timeout)).run(sockets=[sock])
     return 0
+
+
+def server_config(app, max_connections: int = 64, request_timeout: float = 60.0):
+    """uvicorn's settings for `app`: at most `max_connections` connections and requests at once (more get
+    503), idle keep-alive connections closed after 5 s, and a request's headers due within
+    `request_timeout` s (captioner.serve.protocol; the body's deadline is the app's)."""
+    import uvicorn
+
+    from captioner.serve.protocol import with_head_timeout
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                          http=with_head_timeout(request_timeout), limit_concurrency=max_connections,
+                          timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5)
 

@@ -1,7 +1,14 @@
 """The one place that opens image files.
 
-Everything that reads a photo (feature extraction, the caption CLI) goes through `load_image`, so every
-odd file on disk becomes either an upright 8-bit RGB image or a one-line CaptionerError naming the path.
+Everything that reads a photo (feature extraction, the caption CLI, the server) goes through `load_image`
+or `decode_image`, so every odd file on disk, upload or URL becomes either an upright 8-bit RGB image or a
+one-line CaptionerError naming it.
+
+Memory is bounded before anything is decoded: the header's pixel count (MAX_PIXELS) and aspect ratio
+(MAX_ASPECT) are checked, so no later step (the encoder's resize to a 256-pixel short side, say) can
+make a huge intermediate image from a small file. Given `min_side` (the encoder's resize), a large image is
+decoded straight to a smaller scale: JPEG's DCT scaling (`Image.draft`), then `Image.reduce`, keeping at
+least twice `min_side` on the short side so the encoder's own resize sees nearly the same pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from captioner.errors import CaptionerError
+from captioner.vision.download import download, is_url
 
 # Suffixes `find_images` picks up when it expands a directory (compared lower-cased).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -23,40 +31,115 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 # a 20000x20000 RGB image would otherwise allocate 1.2 GB. Checked from the header (PIL's `open` is lazy).
 MAX_PIXELS = 90_000_000
 
+# Refuse images whose long side is more than this many times the short side. A 1x200000 PNG is 862 bytes
+# and 200,000 pixels, well under MAX_PIXELS, yet resizing its short side to 256 would make a 256 x 51,200,000
+# image (39 GB). At 20:1 the encoder's resize makes at most 256 x 5120; panoramas are 2:1 to 10:1.
+MAX_ASPECT = 20
+
 # Modes that mean "there is an alpha channel" (or a palette/transparency key that becomes one).
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and return `path` as an upright RGB image; CaptionerError on any bad file."""
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open, fully decode and return `path` as an upright RGB image; CaptionerError on any bad file.
+
+    `path` may be an http(s) URL (a str): the image is downloaded (captioner.vision.download) and
+    checked as a file is. min_side: decode a large image at a reduced scale (see the module's docstring).
+    """
+    if isinstance(path, str) and is_url(path):
+        return decode_image(download(path), path, min_side=min_side)
     path = Path(path)
     _check_is_file(path)
-    return _decode(lambda: Image.open(path), path)
+    return _decode(lambda: Image.open(path), path, min_side=min_side)
 
 
-def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS,
+                 min_side: int | None = None) -> Image.Image:
     """The bytes of an image file (an upload, say) -> an upright RGB image, with the same checks as
     `load_image` and nothing written to disk; CaptionerError naming `name` on anything bad."""
     if not data:
         raise CaptionerError(f"{name}: empty file (0 bytes)")
-    return _decode(lambda: Image.open(io.BytesIO(data)), name, max_pixels)
+    return _decode(lambda: Image.open(io.BytesIO(data)), name, max_pixels, min_side)
 
 
-def _decode(opener, name, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def peek_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> tuple[int, int, str]:
+    """(width, height, mode) from the header of an image file's bytes, after the checks `decode_image`
+    makes before decoding; CaptionerError as it. Decodes nothing: a server can reserve memory first."""
+    if not data:
+        raise CaptionerError(f"{name}: empty file (0 bytes)")
+    return _guarded(lambda: _peek(Image.open(io.BytesIO(data)), name, max_pixels), name)
+
+
+def decoded_bytes(width: int, height: int, mode: str, min_side: int | None = None) -> int:
+    """About the most memory `decode_image(..., min_side=min_side)` holds at once for such an image. PIL
+    keeps RGB and most modes in 4 bytes a pixel; an image decoded whole is copied once more (upright), one
+    shrunk is not; modes that `Image.reduce` cannot shrink (palettes, 16-bit) are converted first."""
+    copies = 1 if _reduction(width, height, min_side) > 1 else 2
+    return width * height * 4 * (copies + (mode not in _REDUCIBLE_MODES))
+
+
+def check_size(width: int, height: int, name, max_pixels: int = MAX_PIXELS) -> None:
+    """CaptionerError unless a width x height image is within MAX_PIXELS and MAX_ASPECT."""
+    if width < 1 or height < 1:
+        raise CaptionerError(f"{name}: image is {width}x{height} pixels: it holds no pixels")
+    if width * height > max_pixels:
+        raise CaptionerError(f"{name}: image is {width}x{height} pixels, more than the "
+                             f"{max_pixels:,} allowed (possible decompression bomb)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise CaptionerError(f"{name}: image is {width}x{height} pixels, a strip more than {MAX_ASPECT} times "
+                             f"as long as it is wide; refused (resizing it would take too much memory)")
+
+
+# Modes whose pixels `Image.reduce` may average directly (not palette indexes, not 1-bit or 16-bit ones).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                              "I", "F"})
+
+
+def _peek(img: Image.Image, name, max_pixels: int) -> tuple[int, int, str]:
+    with img:
+        width, height = img.size  # header only: nothing decoded yet
+        check_size(width, height, name, max_pixels)
+        return width, height, img.mode
+
+
+def _reduction(width: int, height: int, min_side: int | None) -> int:
+    """The whole factor to shrink a width x height image by, keeping at least 2 * min_side on its short side."""
+    return max(1, min(width, height) // (2 * min_side)) if min_side else 1
+
+
+def _decode(opener, name, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    def decode() -> Image.Image:
+        with opener() as img:
+            width, height = img.size  # header only: nothing decoded yet
+            check_size(width, height, name, max_pixels)
+            factor = _reduction(width, height, min_side)
+            if factor > 1 and img.format == "JPEG":
+                # DCT scaling: decoded at 1/2, 1/4 or 1/8 of the size at once, never whole
+                img.draft(img.mode if img.mode in ("RGB", "L", "CMYK") else "RGB",
+                          (width // factor, height // factor))
+            img.load()  # decode everything now so truncation surfaces here, not in a later step
+            factor = _reduction(*img.size, min_side)
+            if factor > 1:
+                averaged = img.mode in _REDUCIBLE_MODES and "transparency" not in img.info
+                img = (img if averaged else to_rgb(img, name)).reduce(factor)
+            return ImageOps.exif_transpose(img)  # a decoded copy, independent of the file
+
+    img = _guarded(decode, name)
+    return to_rgb(img, name)
+
+
+def _guarded(work, name):
+    """Run `work` (which opens and reads an image), turning every way a file can be bad into one line."""
     try:
         # PIL signals a possible decompression bomb with a warning below 2x its own limit and an error
         # above; turn the warning into an error too so neither slips through as a huge allocation.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with opener() as img:
-                width, height = img.size  # header only: nothing decoded yet
-                if width * height > max_pixels:
-                    raise CaptionerError(f"{name}: image is {width}x{height} pixels, more than the "
-                                         f"{max_pixels:,} allowed (possible decompression bomb)")
-                img.load()  # decode everything now so truncation surfaces here, not in a later step
-                img = ImageOps.exif_transpose(img)  # returns a decoded copy, independent of the file
+            return work()
     except CaptionerError:
         raise
+    except MemoryError:
+        raise CaptionerError(f"{name}: not enough memory to decode this image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise CaptionerError(f"{name}: refused as a possible decompression bomb ({_one_line(e)})") from None
     except PermissionError:
@@ -66,7 +149,6 @@ def _decode(opener, name, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Truncated JPEG/PNG, bad CRCs, broken EXIF, unsupported compression...
         raise CaptionerError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
-    return to_rgb(img, name)
 
 
 def thumbnail(path: str | os.PathLike, size: int = 256) -> Image.Image:
@@ -89,23 +171,29 @@ def thumbnail(path: str | os.PathLike, size: int = 256) -> Image.Image:
     return img
 
 
-def as_image(obj, name: str = "image") -> Image.Image:
+def as_image(obj, name: str = "image", min_side: int | None = None) -> Image.Image:
     """What a Python caller may hand the captioner -> an RGB PIL image; CaptionerError naming `name`.
 
-    Accepted: a path (str or os.PathLike), a PIL image, an (H, W, 3) / (H, W) uint8 numpy array, or a
-    (3, H, W) tensor (uint8 0..255, or floating point in [0, 1], as torchvision's ToTensor makes it).
+    Accepted: a path (str or os.PathLike), an http(s) URL (a str), a PIL image, an (H, W, 3) / (H, W)
+    uint8 numpy array, or a (3, H, W) tensor (uint8 0..255, or floating point in [0, 1], as torchvision's
+    ToTensor makes it). Each is held to MAX_PIXELS and MAX_ASPECT.
     """
     if isinstance(obj, (str, os.PathLike)):
-        return load_image(obj)
+        return load_image(obj, min_side=min_side)
     if isinstance(obj, Image.Image):
+        check_size(*obj.size, name)
         try:
             obj.load()
         except (OSError, ValueError, EOFError) as e:
             raise CaptionerError(f"{name}: the PIL image cannot be decoded ({_one_line(e)})") from None
         return to_rgb(obj, name)
     if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):
+        if len(obj.shape) == 3:
+            check_size(obj.shape[2], obj.shape[1], name)
         return _from_chw_tensor(obj, name)
     if isinstance(obj, np.ndarray):
+        if obj.ndim in (2, 3):
+            check_size(obj.shape[1], obj.shape[0], name)
         return _from_hwc_array(obj, name)
     raise CaptionerError(f"{name}: cannot caption a {type(obj).__name__}; give a path, a PIL image, an "
                          f"HWC uint8 numpy array or a CHW tensor")
@@ -178,10 +266,15 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def find_images(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand `paths` into image files: directories recursively (sorted, by suffix), files as given."""
-    found: list[Path] = []
-    for path in map(Path, paths):
+def find_images(paths: list[str | os.PathLike]) -> list[Path | str]:
+    """Expand `paths` into image files: directories recursively (sorted, by suffix), files as given,
+    http(s) URLs kept as the str they are."""
+    found: list[Path | str] = []
+    for arg in paths:
+        if isinstance(arg, str) and is_url(arg):
+            found.append(arg)  # downloaded when it is read
+            continue
+        path = Path(arg)
         if path.is_dir():
             images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not images:
