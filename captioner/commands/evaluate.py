@@ -12,6 +12,7 @@ from captioner.data.holdout import Holdout
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
 from captioner.commands import guards_of
 from captioner.errors import CaptionerError
+from captioner.atomic import atomic_write_text
 from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.metrics import format_table, score_captions
@@ -68,6 +69,11 @@ def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[
     return out
 
 
+def write_report(path: Path, report: dict) -> Path:
+    """The --json file, whole or not at all (captioner.atomic): a kill or a full disk keeps the old one."""
+    return atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
                            "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
         }
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_report(Path(args.json), out)
     if args.html:
         from captioner.eval.gallery import GalleryItem, write_gallery
 
