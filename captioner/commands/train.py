@@ -53,16 +53,21 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / (config_name(args.config) if args.config else "default"))
     ensemble = cfg.ensemble.members > 1
     with _held(run_dir):
-        _make_room(run_dir, getattr(args, "overwrite", False))
+        if _is_main():  # under torchrun, rank 0 alone looks at (and clears) what the run directory holds
+            _make_room(run_dir, getattr(args, "overwrite", False))
         (fit_ensemble if ensemble else fit)(cfg, run_dir)
     _say_what_next(run_dir, ensemble)
     return 0
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (RANK is set before the process group exists), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _held(run_dir: Path) -> AbstractContextManager:
-    """The run directory's lock; under torchrun, rank 0 (RANK, set before the process group exists) holds
-    it for every process of the run."""
-    return runs.RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    """The run directory's lock; under torchrun, rank 0 holds it for every process of the run."""
+    return runs.RunLock(run_dir) if _is_main() else nullcontext()
 
 
 def _check_data(cfg: Config) -> None:
@@ -97,6 +102,8 @@ def _make_room(run_dir: Path, overwrite: bool) -> None:
 
 def _say_what_next(run_dir: Path, ensemble: bool) -> None:
     """One line: where the model is, and the command that captions with it."""
+    if not _is_main():
+        return
     best = run_dir if ensemble else run_dir / runs.BEST
     if not (runs.members(run_dir) if ensemble else best.is_file()):
         return
