@@ -11,9 +11,10 @@ The gallery never deletes what it did not make. OUT_files/ holds a marker file (
 says the gallery made it; a later page replaces only a folder so marked (or an empty one), and refuses, in
 one line and before any captioning, an OUT_files/ that is someone else's (say, the photos being captioned,
 or a browser's "save page" folder). The new thumbnails are written into a fresh folder first and swapped in
-by renames, and the page itself goes through captioner.atomic, so a kill leaves the old page or the new one. The cards are plain HTML, readable without script; a
-few lines of script re-order them (worst CIDEr first is the default where there are scores) and filter
-them by a word.
+by renames, and the page itself goes through captioner.atomic, so a kill leaves the old page or the new one.
+
+The cards are plain HTML, readable without script; a few lines of script re-order them (worst CIDEr first
+is the default where there are scores) and filter them by a word.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def write_gallery(out: str | os.PathLike, items: Sequence[GalleryItem], title: s
     # A fresh folder beside the old one, marked as the gallery's before anything goes in; swapped in at the end.
     fresh = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(fresh, 0o777 & ~mask)  # mkdtemp makes it private; the thumbnails are as readable as the page
         (fresh / MARKER).write_text(f"thumbnails of {out.name}, written by captioner; replaced with the page\n",
                                     encoding="utf-8")
         cards, unreadable = [], []
@@ -119,7 +123,7 @@ def _swap_in(fresh: Path, folder: Path) -> None:
     """Make `fresh` the thumbnail folder; the old one goes only if the gallery made it (checked again now)."""
     _check_thumbs_folder(folder)
     if folder.is_dir():
-        old = fresh.with_name(fresh.name.replace(".tmp", ".old"))
+        old = fresh.with_name(fresh.name.removesuffix(".tmp") + ".old")
         os.rename(folder, old)
         os.rename(fresh, folder)
         shutil.rmtree(old)  # a marked gallery folder (or an empty one): thumbnails of an earlier page

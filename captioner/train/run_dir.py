@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,6 @@ def holder(run_dir: Path) -> str:
 
 
 def _command() -> str:
-    import sys
-
     return " ".join(["captioner", *sys.argv[1:]]) if sys.argv else "captioner train"
 
 
