@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data.records import FORMATS, detect_format, hash_split, load_records, normalize_split
+from captioner.data.records import FORMATS, detect_format, hash_split, load_records, normalize_split, trim_caption
+from captioner.data.vocab import tokenize
 from captioner.errors import CaptionerError
 
 # A tiny dataset: image -> captions, and the official split of each (None: in no split file).
@@ -304,6 +305,13 @@ def test_duplicate_lines_dropped_and_counted(tmp_path, caplog):
         assert view(load_records(tmp_path)) == expected()
     [message] = warnings_of(caplog)
     assert "2 duplicate lines ignored" in message and "1001_a.jpg" in message and str(token) in message
+
+
+@pytest.mark.parametrize("caption", ["...", "\U0001F600 \U0001F389", "a", "_", "__x__", "'-'", "1.5", "café",
+                                     "\uff01\uff01", "\u0663", " - " * 80, "!" * 250 + "x", "x" * 300])
+def test_a_caption_has_words_exactly_when_the_tokenizer_finds_some(caption):
+    kept, cut = trim_caption(caption)
+    assert bool(kept) == bool(tokenize(caption)) and not cut
 
 
 @pytest.mark.parametrize("write", [write_flickr, write_coco])

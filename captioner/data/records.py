@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ _SHOWN = 3
 # Longest caption kept whole, in words: real ones are far shorter (Flickr8k's longest has 38 words, COCO's
 # about 50), and training reads only the first data.max_len words anyway.
 MAX_CAPTION_WORDS = 100
+# A letter or digit: where there is one, tokenize() finds a word (its words are runs of them).
+_A_WORD = re.compile(r"[^\W_]")
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ def report(source: Path | str, problem: str, names: Iterable[str], strict: bool,
 def trim_caption(caption: str) -> tuple[str, bool]:
     """(the caption to keep, whether it was cut): "" when it has no words (see captioner.data.vocab.tokenize);
     cut at a space after its first MAX_CAPTION_WORDS words when longer; otherwise as it is."""
+    if len(caption) < 2 * MAX_CAPTION_WORDS:  # words are separated, so fewer than MAX here: only look for one
+        return (caption if _A_WORD.search(caption) else ""), False
     words = len(tokenize(caption))
     if words <= MAX_CAPTION_WORDS:
         return (caption if words else ""), False
