@@ -16,6 +16,7 @@ from importlib import resources
 
 import dataclasses
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -37,6 +38,11 @@ from captioner.errors import CaptionerError
 log = logging.getLogger("captioner")
 
 FORMAT_VERSION = 1
+
+# The largest decoder a checkpoint may describe, in bytes of float32 parameters: 2 GiB is 500 million
+# parameters, some 200 times the shipped models (2.7 million), so only a damaged or hostile config reaches it.
+# A machine with less memory gets half of what it has as the bound instead.
+MAX_DECODER_BYTES = 2 * 1024**3
 
 # What every checkpoint holds (model_payload), and what a training checkpoint adds (TrainingState).
 MODEL_KEYS = ("model_config", "vocab", "feature_dim", "encoder", "model")
@@ -226,10 +232,53 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
                              f"{'; '.join(config_differences(cfg, expected))}")
     if ckpt["feature_dim"] <= 0:
         raise CaptionerError(f"{path}: damaged checkpoint: feature_dim {ckpt['feature_dim']}")
+    _check_size(cfg, len(vocab), ckpt["feature_dim"], path)
     model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     load_state(model, state, path)
     return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get("encoder_state"))
+
+
+def decoder_parameters(cfg: ModelConfig, vocab_size: int, feature_dim: int) -> int:
+    """How many parameters CaptionDecoder(cfg, vocab_size, feature_dim) holds, counted from the config
+    alone (nothing is allocated); a test checks it against the built model for every kind of config."""
+    E, H, L, V, F = cfg.embed_dim, cfg.hidden_dim, cfg.num_layers, vocab_size, feature_dim
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
+    in_dims = [E] + [H] * (L - 1)
+    n = V * E  # the embedding
+    n += sum(gates * H * (d + H + 2) for d in in_dims)  # W_ih, W_hh and both biases of each layer
+    if cfg.conditioning in ("inject", "both"):
+        n += sum(F * d + d for d in in_dims)
+    if cfg.conditioning in ("init", "both"):
+        width = L * (2 if cfg.cell == "lstm" else 1) * H
+        n += F * width + width
+    if cfg.highway and L > 1:
+        n += (L - 1) * (H * H + H) * (1 if cfg.highway_coupled else 2)
+    n += V + (0 if cfg.tie_weights else H * V)  # W_hy (shared with the embedding when tied) and its bias
+    return n
+
+
+def _check_size(cfg: ModelConfig, vocab_size: int, feature_dim: int, path: str | Path) -> None:
+    """Refuse, before allocating anything, a checkpoint whose config describes an absurdly large decoder."""
+    size = 4 * decoder_parameters(cfg, vocab_size, feature_dim)
+    bound, why = MAX_DECODER_BYTES, f"the limit is {MAX_DECODER_BYTES / 1024**3:.0f} GiB"
+    memory = _memory_bytes()
+    if memory and memory // 2 < bound:
+        bound, why = memory // 2, f"half of this machine's {memory / 1024**3:.1f} GiB of memory"
+    if size > bound:
+        raise CaptionerError(
+            f"{path}: its config describes a decoder of {size / 4:.3g} parameters ({size / 1e9:.1f} GB; "
+            f"model.hidden_dim {cfg.hidden_dim}, model.embed_dim {cfg.embed_dim}, {cfg.num_layers} layer(s), "
+            f"{vocab_size} words), more than any captioning decoder needs ({why}): a damaged or hostile "
+            "checkpoint; not built")
+
+
+def _memory_bytes() -> int:
+    """The machine's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -376,6 +425,10 @@ def pretrained_path(name_or_path: str | Path | None) -> Path:
     if path.is_file():
         return path
     if path.name != str(name_or_path) or path.suffix in (".pt", ".pth"):  # a path, not a name
+        if path.is_dir():
+            inside = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), None)
+            hint = f" (the checkpoint in it: {inside})" if inside else ""
+            raise CaptionerError(f"{name_or_path}: is a directory, not a checkpoint file{hint}")
         raise CaptionerError(f"{name_or_path}: checkpoint not found")
     candidate = _shipped() / f"{name_or_path}.pt"
     if candidate.is_file():

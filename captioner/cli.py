@@ -115,6 +115,9 @@ def _train(sub) -> None:
                    help="override one config value; repeatable")
     p.add_argument("--run-dir", help="where the config, log and checkpoints go (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh where the run directory holds a run: deletes that run's own files (config, "
+                        "log, curves, checkpoints, its members' folders), nothing else in the folder")
     p.add_argument("--init-from", metavar="MODEL",
                    help="fine-tune: start from this model's weights, vocabulary and encoder (a checkpoint file, or "
                         "a shipped model's name: flickr8k); its architecture replaces the config's model section, "

@@ -123,3 +123,33 @@ def test_a_format_1_cache_is_read_without_recomputing(tmp_path):
     assert encoder.images_seen == 5
     np.testing.assert_array_equal(again.get(paths).numpy(), store.get(paths).numpy())
     assert not list(again.folder.glob(f"{CHUNK_PREFIX}*"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_slow_extraction_commits_by_time_as_well_as_by_count(tmp_path):
+    """A kill loses at most about `commit_seconds` of work even where a chunk of images takes far longer:
+    here each image "takes" 4 s of a clock the test drives, and a commit is due every 30 s."""
+    paths = make_images(tmp_path / "imgs", 14)
+    cache = tmp_path / "cache"
+
+    class DiesAtImage9(TinyEncoder):
+        def forward_grid(self, x):
+            if self.images_seen + x.shape[0] >= 9:
+                raise _Killed
+            return super().forward_grid(x)
+
+    encoder = DiesAtImage9()
+    try:
+        extract_features(encoder, paths, cache, batch_size=BATCH, num_workers=0, progress=False, chunk_size=1024,
+                         commit_seconds=30.0, clock=lambda: 4.0 * encoder.images_seen)
+    except _Killed:
+        pass
+    # Four batches (8 images, 32 s) passed 30 s: committed although the chunk of 1,024 was far from full.
+    assert committed_rows(cache) == 8
+    encoder = TinyEncoder()
+    store = extract_features(encoder, paths, cache, batch_size=BATCH, num_workers=0, progress=False)
+    assert encoder.images_seen == len(paths) - 8
+    torch.testing.assert_close(store.get(paths), torch.stack([expected(p) for p in paths]), atol=2e-3, rtol=0)

@@ -109,6 +109,48 @@ def test_missing_path_and_directory(tmp_path):
     assert "is a directory" in error_of(checkpoint.read, tmp_path)
 
 
+def test_a_directory_named_like_a_checkpoint_says_it_is_a_directory(tmp_path):
+    folder = tmp_path / "x.pt"
+    folder.mkdir()
+    assert error_of(checkpoint.pretrained_path, folder) == f"{folder}: is a directory, not a checkpoint file"
+    checkpoint.save(tmp_path / "run" / "best.pt", payload())
+    assert error_of(checkpoint.pretrained_paths, [str(tmp_path / "run")]) == (
+        f"{tmp_path / 'run'}: is a directory, not a checkpoint file (the checkpoint in it: {tmp_path / 'run' / 'best.pt'})")
+    assert "not found" in error_of(checkpoint.pretrained_path, tmp_path / "y.pt")
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(cell="lstm", embed_dim=8, hidden_dim=8),
+    ModelConfig(cell="gru", embed_dim=6, hidden_dim=10, num_layers=3, conditioning="both", highway=True),
+    ModelConfig(cell="rnn", embed_dim=8, hidden_dim=8, num_layers=2, conditioning="init", tie_weights=True),
+    ModelConfig(cell="lstm", embed_dim=7, hidden_dim=9, num_layers=2, conditioning="both", highway=True,
+                highway_coupled=False),
+])
+def test_the_size_estimate_is_the_built_models(cfg):
+    model = CaptionDecoder(cfg, vocab_size=13, feature_dim=5)
+    assert checkpoint.decoder_parameters(cfg, 13, 5) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_config_describing_an_absurd_decoder_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    ckpt = payload()
+    ckpt["model_config"] = {**ckpt["model_config"], "hidden_dim": 30000}  # 10.8 GB of weights it does not hold
+    path = tmp_path / "huge.pt"
+    torch.save(ckpt, path)
+    built = []
+    monkeypatch.setattr(checkpoint, "CaptionDecoder", lambda *a, **k: built.append(a) or CaptionDecoder(*a, **k))
+    message = error_of(checkpoint.load_model, path)
+    assert message.startswith(f"{path}: its config describes a decoder of 3.6e+09 parameters (14.4 GB; "
+                              "model.hidden_dim 30000, model.embed_dim 8, 1 layer(s), 9 words), more than any "
+                              "captioning decoder needs (")
+    assert message.endswith("a damaged or hostile checkpoint; not built") and built == []
+    monkeypatch.setattr(checkpoint, "_memory_bytes", lambda: 64 * 1024**3)
+    assert "(the limit is 2 GiB)" in error_of(checkpoint.load_model, path)
+    monkeypatch.setattr(checkpoint, "_memory_bytes", lambda: 1024**3)
+    ckpt["model_config"]["hidden_dim"] = 6000  # 580 MB: fine on most machines, not on one with 1 GiB
+    torch.save(ckpt, path)
+    assert "half of this machine's 1.0 GiB of memory" in error_of(checkpoint.load_model, path)
+
+
 @pytest.mark.parametrize("write", [
     lambda obj, path: torch.save(obj, path),
     lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False),

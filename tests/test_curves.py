@@ -44,3 +44,20 @@ def test_table_from_evaluation_files_and_curves_mark_scst(tmp_path):
     lines[-1].update(phase="scst", train_loss=-0.5)
     (a / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     assert plot_curves(a / "log.jsonl", a / "curves.png").stat().st_size > 0
+
+
+def test_a_folder_that_is_not_a_run_is_skipped_with_a_note(tmp_path, caplog):
+    a = write_run(tmp_path / "a", [10, 30, 20])
+    failed = tmp_path / "failed"  # a command that stopped before its first epoch left its config alone
+    failed.mkdir()
+    (failed / "config.toml").write_text("[train]\n")
+    ens = tmp_path / "ens"  # an ensemble's run directory stands for its members
+    ens.mkdir()
+    write_run(ens / "member-1", [4, 8])
+    write_run(ens / "member-2", [9])
+    with caplog.at_level("WARNING", logger="captioner"):
+        table = runs_table([a, failed, ens]).splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| a", "| ens/member-1", "| ens/member-2"]
+    assert caplog.messages == [f"{failed}: skipped (no log.jsonl: not a run directory, or no epoch finished)"]
+    with pytest.raises(CaptionerError, match=f"none of {failed} is a run with a finished epoch"):
+        runs_table([failed])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from browser import VISIBLE_JS, Browser
 from captioner.errors import CaptionerError
-from captioner.eval.gallery import GalleryItem, thumbs_folder, write_gallery
+from captioner.eval.gallery import MARKER, GalleryItem, check_page_path, thumbs_folder, write_gallery
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = [(200, 40, 40), (40, 160, 60), (40, 60, 200), (220, 200, 40), (120, 40, 160), (40, 180, 180)]
@@ -38,7 +38,7 @@ def test_page_has_every_image_caption_reference_and_score(tmp_path):
     paths = photos(tmp_path / "img", 6)
     out = write_gallery(tmp_path / "val.html", scored_items(paths), title="val", totals={"BLEU-4": 21.3, "CIDEr": 53.5})
     page = out.read_text()
-    thumbs = sorted(thumbs_folder(out).iterdir())
+    thumbs = sorted(thumbs_folder(out).glob("*.jpg"))
     assert len(thumbs) == 6
     for thumb in thumbs:
         with Image.open(thumb) as im:
@@ -68,6 +68,67 @@ def test_the_page_path_is_checked(tmp_path):
         write_gallery(tmp_path / "out.txt", [])
     with pytest.raises(CaptionerError, match="no such folder"):
         write_gallery(tmp_path / "missing" / "out.html", [])
+
+
+def test_the_users_own_files_folder_is_refused_never_deleted(tmp_path):
+    """A folder named like the thumbnails' (a browser's "save page" folder, the photos being captioned) is
+    someone else's: the page is refused in one line and every file in it stays."""
+    [photo] = photos(tmp_path / "album_files", 1)
+    before = photo.read_bytes()
+    with pytest.raises(CaptionerError, match="album_files: a folder the gallery did not make"):
+        check_page_path(tmp_path / "album.html")
+    with pytest.raises(CaptionerError, match="did not make"):
+        write_gallery(tmp_path / "album.html", [GalleryItem(photo, "a red square")])
+    assert photo.read_bytes() == before and sorted(os.listdir(tmp_path / "album_files")) == ["photo_00.jpg"]
+    assert sorted(os.listdir(tmp_path)) == ["album_files"]  # no page, no leftovers
+    (tmp_path / "other_files").write_text("a file, not a folder")
+    with pytest.raises(CaptionerError, match="not a gallery's thumbnail folder"):
+        check_page_path(tmp_path / "other.html")
+
+
+def test_caption_cli_html_refuses_the_folder_of_the_photos_it_captions(tmp_path):
+    folder = tmp_path / "album_files"
+    [photo] = photos(folder, 1)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "captioner", "caption", str(folder), "--html",
+                           str(tmp_path / "album.html")], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "album_files" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert photo.is_file() and not (tmp_path / "album.html").exists()
+
+
+def test_a_new_page_replaces_only_its_own_thumbnails(tmp_path):
+    paths = photos(tmp_path / "img", 6)
+    out = tmp_path / "val.html"
+    (tmp_path / "val_files").mkdir()  # an empty folder holds nothing to lose: taken
+    write_gallery(out, scored_items(paths))
+    folder = thumbs_folder(out)
+    assert (folder / MARKER).is_file() and len(list(folder.glob("*.jpg"))) == 6
+    write_gallery(out, scored_items(paths[:2]))  # the gallery's own folder: replaced, old thumbnails gone
+    assert sorted(p.name for p in folder.glob("*.jpg")) == ["00000.jpg", "00001.jpg"]
+    assert sorted(os.listdir(tmp_path)) == ["img", "val.html", "val_files"]  # no temporary left
+
+
+def test_a_failed_page_keeps_the_old_page_and_thumbnails(tmp_path, monkeypatch):
+    paths = photos(tmp_path / "img", 3)
+    out = write_gallery(tmp_path / "val.html", scored_items(paths))
+    page, thumbs = out.read_bytes(), sorted(thumbs_folder(out).glob("*.jpg"))
+    import captioner.eval.gallery as gallery
+
+    def dies_on_the_second(path, size, calls=[]):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(gallery, "thumbnail", dies_on_the_second)
+    with pytest.raises(OSError):
+        write_gallery(out, scored_items(paths))
+    monkeypatch.undo()
+    assert out.read_bytes() == page and sorted(thumbs_folder(out).glob("*.jpg")) == thumbs
+    assert sorted(os.listdir(tmp_path)) == ["img", "val.html", "val_files"]
 
 
 def test_gallery_in_headless_chromium_sorted_worst_cider_first(tmp_path):
@@ -110,7 +171,7 @@ def test_caption_cli_html_on_the_example_photos(tmp_path):
     page = out.read_text()
     for _, _, caption in lines:
         assert caption in page
-    assert len(list(thumbs_folder(out).iterdir())) == 3
+    assert len(list(thumbs_folder(out).glob("*.jpg"))) == 3
     assert "CIDEr" not in re.sub(r"<script>.*?</script>", "", page, flags=re.S)  # no scores without references
     with Browser(tmp_path / "profile") as browser:
         browser.open(out.as_uri())

@@ -184,3 +184,91 @@ def test_train_evaluate_and_caption_an_imagefolder(metadata, splits, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in photos]
     assert all(line.split("\t")[1].strip() for line in lines)
+
+
+def test_split_folders_of_symbolic_links_keep_their_split(tmp_path):
+    """The split is where the link is, not where it points: linked validation images are never trained on."""
+    store, data = tmp_path / "store", tmp_path / "data"
+    for split, names in (("train", ["a.jpg", "b.jpg"]), ("validation", ["c.jpg"])):
+        (data / split).mkdir(parents=True)
+        for name in names:
+            jpeg(store / name)
+            (data / split / name).symlink_to(store / name)
+        write_jsonl(data / split, [{"file_name": name, "text": f"photo {name}"} for name in names])
+    records = load_records(data)
+    assert view(records, data) == [("train/a.jpg", ("photo a.jpg",), "train"),
+                                   ("train/b.jpg", ("photo b.jpg",), "train"),
+                                   ("validation/c.jpg", ("photo c.jpg",), "val")]
+
+
+def test_duplicate_rows_are_counted_and_read_once(tmp_path, caplog):
+    jpeg(tmp_path / "a.jpg")
+    path = write_jsonl(tmp_path, [{"file_name": "a.jpg", "text": "A dog ."}, {"file_name": "a.jpg", "text": "A cat ."},
+                                  {"file_name": "a.jpg", "text": "A dog ."}, {"file_name": "a.jpg", "text": "A dog ."}])
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        records = load_records(tmp_path)
+    assert view(records, tmp_path) == [("a.jpg", ("A dog .", "A cat ."), "train")]
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: 2 duplicate rows ignored (first: line 3, line 4)"]
+    path.unlink()
+    csv_path = tmp_path / "metadata.csv"
+    csv_path.write_text("file_name,text\na.jpg,A dog .\na.jpg,A dog .\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        assert load_records(tmp_path, strict=True)[0].captions == ("A dog .",)  # harmless: a warning in strict too
+    assert "1 duplicate rows ignored (first: line 3)" in caplog.text
+
+
+def test_a_file_name_leaving_the_dataset_folder_is_refused(tmp_path, caplog):
+    data = tmp_path / "data"
+    jpeg(data / "a.jpg")
+    jpeg(tmp_path / "outside.jpg")
+    path = write_jsonl(data, [
+        {"file_name": "a.jpg", "text": "inside"},
+        {"file_name": "../outside.jpg", "text": "a parent folder"},
+        {"file_name": str(tmp_path / "outside.jpg"), "text": "an absolute path"},
+        {"file_name": "/etc/passwd", "text": "a system file"},
+        {"file_name": "sub/../a.jpg", "text": "inside after all"},
+    ])
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        records = load_records(data)
+    assert view(records, data) == [("a.jpg", ("inside", "inside after all"), "train")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 3 rows whose file_name leaves the dataset folder (first: line 2: ../outside.jpg, "
+        f"line 3: {tmp_path / 'outside.jpg'}, line 4: /etc/passwd); skipped"]
+    with pytest.raises(CaptionerError, match="3 rows whose file_name leaves the dataset folder"):
+        load_records(data, strict=True)
+
+
+def test_the_common_caption_column_names_are_read_and_others_named(tmp_path):
+    jpeg(tmp_path / "a.jpg")
+    jpeg(tmp_path / "b.jpg")
+    write_jsonl(tmp_path, [{"file_name": "a.jpg", "caption": "A dog ."},
+                           {"file_name": "b.jpg", "captions": ["A cat .", "A kitten ."]}])
+    assert view(load_records(tmp_path), tmp_path) == [("a.jpg", ("A dog .",), "train"),
+                                                      ("b.jpg", ("A cat .", "A kitten ."), "train")]
+    write_jsonl(tmp_path, [{"file_name": "a.jpg", "description": "A dog ."}])
+    with pytest.raises(CaptionerError, match=r"metadata.jsonl: no caption column in its rows \(keys: file_name, "
+                                             r"description\); rename the column holding the captions to text"):
+        load_records(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name,caption\na.jpg,A dog .\n")
+    assert load_records(tmp_path)[0].captions == ("A dog .",)
+    (tmp_path / "metadata.csv").write_text("image,description\na.jpg,A dog .\n")
+    with pytest.raises(CaptionerError, match=r"got 'image,description'; rename the column holding the captions to "
+                                             r"text \(or caption, captions\) and rename the column of image file "
+                                             r"names to file_name"):
+        load_records(tmp_path)
+
+
+def test_captions_without_words_are_empty_and_overlong_ones_cut(tmp_path, caplog):
+    jpeg(tmp_path / "a.jpg")
+    long = " ".join(f"word{i}" for i in range(150))
+    path = write_jsonl(tmp_path, [{"file_name": "a.jpg", "text": "A dog ."}, {"file_name": "a.jpg", "text": "!!! ..."},
+                                  {"file_name": "a.jpg", "text": "\U0001F600\U0001F389"},
+                                  {"file_name": "a.jpg", "text": long}])
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        [record] = load_records(tmp_path)
+    assert record.captions == ("A dog .", " ".join(f"word{i}" for i in range(100)))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 2 rows with an empty caption (first: line 2, line 3); skipped",
+        f"{path}: 1 captions longer than 100 words (first: line 4); cut to 100 words"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data.records import FORMATS, detect_format, hash_split, load_records, normalize_split
+from captioner.data.records import FORMATS, detect_format, hash_split, load_records, normalize_split, trim_caption
+from captioner.data.vocab import tokenize
 from captioner.errors import CaptionerError
 
 # A tiny dataset: image -> captions, and the official split of each (None: in no split file).
@@ -304,6 +305,34 @@ def test_duplicate_lines_dropped_and_counted(tmp_path, caplog):
         assert view(load_records(tmp_path)) == expected()
     [message] = warnings_of(caplog)
     assert "2 duplicate lines ignored" in message and "1001_a.jpg" in message and str(token) in message
+
+
+@pytest.mark.parametrize("caption", ["...", "\U0001F600 \U0001F389", "a", "_", "__x__", "'-'", "1.5", "café",
+                                     "\uff01\uff01", "\u0663", " - " * 80, "!" * 250 + "x", "x" * 300])
+def test_a_caption_has_words_exactly_when_the_tokenizer_finds_some(caption):
+    kept, cut = trim_caption(caption)
+    assert bool(kept) == bool(tokenize(caption)) and not cut
+
+
+@pytest.mark.parametrize("write", [write_flickr, write_coco])
+def test_captions_without_words_are_dropped_and_overlong_ones_cut_in_every_layout(tmp_path, caplog, write):
+    long = " ".join(f"w{i}," for i in range(300))  # a paragraph pasted into one caption
+    odd = {"1001_a.jpg": ["...", "A dog runs ."], "1004_d.jpg": ["\U0001F436 !!", "A cat sleeps .", long]}
+    captions = {name: odd.get(name, caps) for name, caps in CAPTIONS.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(CAPTIONS, "1001_a.jpg", captions["1001_a.jpg"])
+        mp.setitem(CAPTIONS, "1004_d.jpg", captions["1004_d.jpg"])
+        write(tmp_path)
+        with caplog.at_level(logging.WARNING, logger="captioner"):
+            records = {r.image.name: r.captions for r in load_records(tmp_path)}
+    assert records["1001_a.jpg"] == ("A dog runs .",)
+    assert records["1004_d.jpg"] == ("A cat sleeps .", " ".join(f"w{i}," for i in range(100)))
+    assert warnings_of(caplog) == [
+        f"{tmp_path}: 2 captions with no words (blank, or only punctuation or emoji) (first: 1001_a.jpg, "
+        "1004_d.jpg); skipped",
+        f"{tmp_path}: 1 captions longer than 100 words (first: 1004_d.jpg); cut to 100 words"]
+    with pytest.raises(CaptionerError, match="2 captions with no words"):
+        load_records(tmp_path, strict=True)
 
 
 def test_malformed_lines_warn_with_first_line_number(tmp_path, caplog):

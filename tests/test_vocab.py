@@ -119,3 +119,19 @@ def test_real_flickr8k_vocabulary_size(flickr8k_root):
     # Punctuation never becomes a word; the commonest words do.
     assert "." not in vocab and "," not in vocab
     assert {"a", "dog", "man", "in", "the"} <= set(vocab.words)
+
+
+def test_a_vocabulary_larger_than_captions_have_is_named(caplog):
+    rng = random.Random(0)
+    captions = [f"a {colour} square fills the picture" for colour in ("red", "green", "blue")] * 50
+    with caplog.at_level("WARNING", logger="captioner"):
+        Vocabulary.build(captions, min_count=1)
+    assert caplog.text == ""  # real captions: quiet
+    # Text that is not captions (ids, hashes, a document): 50 rows of 100 words never seen twice.
+    junk = [" ".join("".join(rng.choices("abcdefghij", k=12)) for _ in range(100)) for _ in range(50)]
+    with caplog.at_level("WARNING", logger="captioner"):
+        vocab = Vocabulary.build(captions + junk, min_count=1)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message == (f"vocabulary of {len(vocab) - 4} words from 5900 words of captions: more than captions that "
+                       "size have (at most ~3072); is some text not a caption? (most words of its own: "
+                       f"'{' '.join(junk[0].split()[:8])} ...')")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from captioner.atomic import atomic_write
 from captioner.errors import CaptionerError
+
+log = logging.getLogger("captioner")
 
 
 def plot_curves(log_path: Path, out_path: Path) -> Path:
@@ -46,6 +49,28 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _runs(run_dirs: list[Path]) -> list[tuple[Path, str]]:
+    """(folder, name in the table) of every run among `run_dirs`: an ensemble's run directory stands for its
+    members; a folder that is not a run (a config.toml alone, left by a command that failed) is skipped with
+    a note."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        members = sorted((d for d in run_dir.glob("member-*") if d.name[7:].isdigit() and _has_epochs(d)),
+                         key=lambda d: int(d.name[7:]))
+        if _has_epochs(run_dir):
+            runs.append((run_dir, run_dir.name))
+        elif members:
+            runs += [(m, f"{run_dir.name}/{m.name}") for m in members]
+        else:
+            why = "no such folder" if not run_dir.is_dir() else "not a run directory, or no epoch finished"
+            log.warning("%s: skipped (no log.jsonl: %s)", run_dir, why)
+    return runs
+
+
+def _has_epochs(run_dir: Path) -> bool:
+    return (run_dir / "log.jsonl").is_file() and bool(read_log(run_dir))
+
+
 def runs_table(run_dirs: list[Path], metric: str = "CIDEr", eval_name: str | None = None) -> str:
     """A markdown table, one row per run.
 
@@ -58,7 +83,11 @@ def runs_table(run_dirs: list[Path], metric: str = "CIDEr", eval_name: str | Non
         keys.remove("METEOR")  # training logs never compute it
     rows = ["| run | epochs | best epoch | " + " | ".join(keys) + " | train time (s) |",
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " | ---: |"]
-    for run_dir in run_dirs:
+    runs = _runs(run_dirs)
+    if not runs:
+        raise CaptionerError(f"none of {', '.join(map(str, run_dirs))} is a run with a finished epoch "
+                             "(no log.jsonl)")
+    for run_dir, name in runs:
         entries = read_log(run_dir)
         best = max(entries, key=lambda e: e.get(f"val_{metric}", float("-inf")))
         seconds = sum(e["train_seconds"] for e in entries)
@@ -69,5 +98,5 @@ def runs_table(run_dirs: list[Path], metric: str = "CIDEr", eval_name: str | Non
             totals = json.loads(path.read_text(encoding="utf-8"))["totals"] if path.is_file() else {}
             values = {k: totals.get(k) for k in keys}
         scores = " | ".join("" if values[k] is None else f"{values[k]:.1f}" for k in keys)
-        rows.append(f"| {Path(run_dir).name} | {len(entries)} | {best['epoch']} | {scores} | {seconds:.0f} |")
+        rows.append(f"| {name} | {len(entries)} | {best['epoch']} | {scores} | {seconds:.0f} |")
     return "\n".join(rows)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from captioner.atomic import atomic_write
 from captioner.config import ModelConfig
 from captioner.model.decoder import CaptionDecoder
 
@@ -195,8 +196,8 @@ def plot(flows: list[Flow], path: str | Path, title: str = "") -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # Whole or not at all: a kill or a full disk never leaves half a figure.
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png"))
     plt.close(fig)
     return path
 

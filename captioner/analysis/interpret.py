@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.atomic import atomic_write, atomic_write_text
 from captioner.model.decoder import CaptionDecoder
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
@@ -228,8 +229,8 @@ def write_heatmap(report: CellReport, path: str | Path, caption_index: int = 0) 
     ax.set_title("activation after reading each word (row-scaled)", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # Whole or not at all: a kill or a full disk never leaves half a figure.
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png"))
     plt.close(fig)
     return path
 
@@ -260,7 +261,4 @@ def write_html(report: CellReport, path: str | Path) -> Path:
                 f"{html.escape(w)}</span>" for w, a in zip(cap.words, cap.acts[:, unit]))
             parts.append(f"<p>{spans}</p>")
     parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return atomic_write_text(path, "\n".join(parts))

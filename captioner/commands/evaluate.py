@@ -12,6 +12,7 @@ from captioner.data.holdout import Holdout
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
 from captioner.commands import guards_of
 from captioner.errors import CaptionerError
+from captioner.atomic import atomic_write_text
 from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.hallucination import format_hallucination, object_hallucination
@@ -69,6 +70,11 @@ def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[
     return out
 
 
+def write_report(path: Path, report: dict) -> Path:
+    """The --json file, whole or not at all (captioner.atomic): a kill or a full disk keeps the old one."""
+    return atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                            "scores": scores.per_image.get(k, {}), "hallucinated": objects["per_image"][k]}
                           for k, r in zip(keys, records)],
         }
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_report(Path(args.json), out)
     if args.html:
         from captioner.eval.gallery import GalleryItem, write_gallery
 

@@ -8,16 +8,23 @@ Data problems follow one policy, so a user learns of each kind of problem once i
 a caption for an image that is not on disk, or a split file naming an image with no captions, is counted,
 logged once as a warning on the "captioner" logger with the first few names, and skipped. With
 `strict=True` the same report is raised as a CaptionerError instead.
+
+Whatever the reader, `load_records` then looks at each caption once: one without words (blank, or only
+punctuation or emoji: nothing for the decoder to learn) is dropped, and one longer than MAX_CAPTION_WORDS
+words (a paragraph pasted into a caption column, a file's text by mistake) is cut to that length, each
+kind counted in one warning, so a stray megabyte of text never becomes a hundred thousand vocabulary words.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioner.data.vocab import tokenize
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -34,6 +41,12 @@ _SPLIT_ALIASES = {
 
 # How many names a warning lists before "...": enough to find the culprit, short enough for one line.
 _SHOWN = 3
+
+# Longest caption kept whole, in words: real ones are far shorter (Flickr8k's longest has 38 words, COCO's
+# about 50), and training reads only the first data.max_len words anyway.
+MAX_CAPTION_WORDS = 100
+# A letter or digit: where there is one, tokenize() finds a word (its words are runs of them).
+_A_WORD = re.compile(r"[^\W_]")
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,8 @@ def hash_split(image_name: str, val_fraction: float = 0.125, test_fraction: floa
     return "train"
 
 
-def report(source: Path | str, problem: str, names: Iterable[str], strict: bool) -> None:
+def report(source: Path | str, problem: str, names: Iterable[str], strict: bool,
+           action: str = "skipped") -> None:
     """Report one kind of data problem once: a warning with the count and first names, or, if strict, raise.
 
     `problem` reads after the count: report(token_file, "captioned images not found in Images/", ["x.jpg"])
@@ -116,7 +130,24 @@ def report(source: Path | str, problem: str, names: Iterable[str], strict: bool)
     message = f"{source}: {len(names)} {problem} (first: {shown})"
     if strict:
         raise CaptionerError(message)
-    log.warning("%s; skipped", message)
+    log.warning("%s; %s", message, action)
+
+
+def trim_caption(caption: str) -> tuple[str, bool]:
+    """(the caption to keep, whether it was cut): "" when it has no words (see captioner.data.vocab.tokenize);
+    cut at a space after its first MAX_CAPTION_WORDS words when longer; otherwise as it is."""
+    if len(caption) < 2 * MAX_CAPTION_WORDS:  # words are separated, so fewer than MAX here: only look for one
+        return (caption if _A_WORD.search(caption) else ""), False
+    words = len(tokenize(caption))
+    if words <= MAX_CAPTION_WORDS:
+        return (caption if words else ""), False
+    kept, words = [], 0
+    for piece in caption.split():  # a word never spans a space, so the pieces' words add up to the caption's
+        words += len(tokenize(piece))
+        if words > MAX_CAPTION_WORDS:
+            break
+        kept.append(piece)
+    return " ".join(kept), True
 
 
 def keep_existing(images: Mapping[str, Path], source: Path | str, where: str, strict: bool) -> dict[str, Path]:
@@ -215,7 +246,29 @@ def load_records(
     """
     wanted = None if splits is None else {normalize_split(s) for s in splits}
     name, folder = _locate(Path(root).expanduser().resolve(), format)
-    records = READERS[name].read(folder, strict)
+    records = _trim_captions(READERS[name].read(folder, strict), folder, strict)
     if wanted is not None:
         records = [r for r in records if r.split in wanted]
     return sort_records(records)
+
+
+def _trim_captions(records: list[Record], folder: Path, strict: bool) -> list[Record]:
+    """The records with captions without words dropped and overlong ones cut (see the module docstring)."""
+    out, wordless, cut = [], [], []
+    for record in records:
+        captions = []
+        for caption in record.captions:
+            kept, was_cut = trim_caption(caption)
+            if not kept:
+                wordless.append(record.image.name)
+                continue
+            if was_cut:
+                cut.append(record.image.name)
+            captions.append(kept)
+        if captions:
+            out.append(record if tuple(captions) == record.captions else Record(record.image, tuple(captions),
+                                                                                record.split))
+    report(folder, "captions with no words (blank, or only punctuation or emoji)", wordless, strict)
+    report(folder, f"captions longer than {MAX_CAPTION_WORDS} words", cut, strict,
+           action=f"cut to {MAX_CAPTION_WORDS} words")
+    return out

@@ -6,11 +6,19 @@ and drops punctuation, as the PTB tokenizer used by the COCO evaluation drops it
 model never spends capacity on the final " ." that most Flickr captions carry.
 
 The vocabulary is stored in every checkpoint (`to_dict`), since ids mean nothing without it.
+
+Captions' vocabularies grow slowly with their size (Heaps' law): Flickr8k's 330,000 training words hold
+about 7,500 distinct ones, COCO's 4.3 million about 25,000. `build` warns when the vocabulary is larger than
+`HEAPS_FACTOR` x sqrt(the words read), a bound three times what those datasets reach, because such a
+vocabulary comes from text that is not captions (ids, hashes, a pasted document), and makes the model and
+its checkpoints that much larger.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -19,10 +27,13 @@ from pathlib import Path
 from captioner.atomic import atomic_write_text
 from captioner.errors import CaptionerError
 
+log = logging.getLogger("captioner")
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3: padding is 0 so zero-filled tensors are padding
 
 _FORMAT, _VERSION = "captioner-vocabulary", 1
+HEAPS_FACTOR = 40  # most distinct words per sqrt(word read) before `build` warns (see the module docstring)
 
 # [^\W_] is a letter or digit in any script ("café" stays whole). Numbers may carry decimal or thousands
 # separators; words may carry inner apostrophes and hyphens but not leading or trailing ones, which are
@@ -61,9 +72,11 @@ class Vocabulary:
         """
         if min_count < 1:
             raise CaptionerError(f"min_count must be at least 1, got {min_count}")
+        captions = list(captions)  # references to the strings: read twice when a warning names one
         counts = Counter(token for caption in captions for token in tokenize(caption))
         kept = [w for w, n in counts.items() if n >= min_count and w not in SPECIALS]
         kept.sort(key=lambda w: (-counts[w], w))
+        _warn_if_too_large(len(kept), captions, counts)
         return cls(SPECIALS + tuple(kept))
 
     def __len__(self) -> int:
@@ -140,6 +153,19 @@ class Vocabulary:
             return cls.from_dict(d)
         except CaptionerError as e:
             raise CaptionerError(f"{path}: {e}") from None
+
+
+def _warn_if_too_large(size: int, captions: list[str], counts: Counter) -> None:
+    """One warning when `size` words is more than captions of this many words have; names the caption
+    richest in words seen nowhere else, the likeliest culprit."""
+    read = sum(counts.values())
+    bound = int(HEAPS_FACTOR * math.sqrt(read))
+    if size <= bound:
+        return
+    culprit = max((tokenize(c) for c in captions), key=lambda tokens: sum(counts[t] == 1 for t in tokens))
+    shown = " ".join(culprit[:8]) + (" ..." if len(culprit) > 8 else "")
+    log.warning("vocabulary of %d words from %d words of captions: more than captions that size have (at most "
+                "~%d); is some text not a caption? (most words of its own: %r)", size, read, bound, shown)
 
 
 def _check(words: tuple[str, ...]) -> None:

@@ -5,9 +5,16 @@ its references and per-image BLEU-4 and CIDEr), the totals on top, sortable.
 
 The page is self-contained apart from its thumbnails, which are small JPEGs written beside it in
 OUT_files/ (so a 5,000-image page stays a few hundred kilobytes of HTML, and the browser fetches only the
-thumbnails scrolled into view: `loading="lazy"`). The cards are plain HTML, readable without script; a
-few lines of script re-order them (worst CIDEr first is the default where there are scores) and filter
-them by a word.
+thumbnails scrolled into view: `loading="lazy"`).
+
+The gallery never deletes what it did not make. OUT_files/ holds a marker file (`.captioner-gallery`) that
+says the gallery made it; a later page replaces only a folder so marked (or an empty one), and refuses, in
+one line and before any captioning, an OUT_files/ that is someone else's (say, the photos being captioned,
+or a browser's "save page" folder). The new thumbnails are written into a fresh folder first and swapped in
+by renames, and the page itself goes through captioner.atomic, so a kill leaves the old page or the new one.
+
+The cards are plain HTML, readable without script; a few lines of script re-order them (worst CIDEr first
+is the default where there are scores) and filter them by a word.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import html
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from captioner.atomic import atomic_write_text
 from captioner.errors import CaptionerError
 from captioner.vision.images import thumbnail
 
@@ -28,6 +37,7 @@ log = logging.getLogger("captioner")
 
 THUMB_SIZE = 224  # longer side of a thumbnail, in pixels
 SHOWN_METRICS = ("BLEU-4", "CIDEr")  # per image, on each card
+MARKER = ".captioner-gallery"  # in OUT_files/: this folder holds a gallery's thumbnails and nothing else
 
 
 @dataclass
@@ -50,7 +60,18 @@ def check_page_path(out: str | os.PathLike) -> Path:
         raise CaptionerError(f"{out}: the gallery is an HTML page; name it OUT.html")
     if not out.parent.is_dir():
         raise CaptionerError(f"{out.parent}: no such folder for the gallery page")
+    _check_thumbs_folder(thumbs_folder(out))
     return out
+
+
+def _check_thumbs_folder(folder: Path) -> None:
+    """Refuse an OUT_files/ that the gallery did not make: replacing it would delete someone's files."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise CaptionerError(f"{folder}: exists and is not a gallery's thumbnail folder; the page's thumbnails "
+                             "go there, so move it or name the page otherwise")
+    if folder.is_dir() and not (folder / MARKER).is_file() and any(folder.iterdir()):
+        raise CaptionerError(f"{folder}: a folder the gallery did not make (no {MARKER} in it); its thumbnails "
+                             "would replace it, so move it or name the page otherwise")
 
 
 def write_gallery(out: str | os.PathLike, items: Sequence[GalleryItem], title: str = "captions",
@@ -62,20 +83,29 @@ def write_gallery(out: str | os.PathLike, items: Sequence[GalleryItem], title: s
     """
     out = check_page_path(out)
     folder = thumbs_folder(out)
-    if folder.exists():
-        shutil.rmtree(folder)  # thumbnails of an earlier page: numbered the same way, maybe other images
-    folder.mkdir()
-    cards, unreadable = [], []
-    for i, item in enumerate(items):
-        name = f"{i:05d}.jpg"
-        try:
-            thumb = thumbnail(item.image, thumb_size)
-            thumb.save(folder / name, "JPEG", quality=82)
-            size = thumb.size
-        except CaptionerError as err:
-            unreadable.append(str(err))
-            name, size = None, None
-        cards.append(_card(i, item, f"{quote(folder.name)}/{name}" if name else None, size))
+    # A fresh folder beside the old one, marked as the gallery's before anything goes in; swapped in at the end.
+    fresh = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(fresh, 0o777 & ~mask)  # mkdtemp makes it private; the thumbnails are as readable as the page
+        (fresh / MARKER).write_text(f"thumbnails of {out.name}, written by captioner; replaced with the page\n",
+                                    encoding="utf-8")
+        cards, unreadable = [], []
+        for i, item in enumerate(items):
+            name = f"{i:05d}.jpg"
+            try:
+                thumb = thumbnail(item.image, thumb_size)
+                thumb.save(fresh / name, "JPEG", quality=82)
+                size = thumb.size
+            except CaptionerError as err:
+                unreadable.append(str(err))
+                name, size = None, None
+            cards.append(_card(i, item, f"{quote(folder.name)}/{name}" if name else None, size))
+        _swap_in(fresh, folder)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)  # made by this call, holding only its thumbnails
+        raise
     if unreadable:
         log.warning("gallery: %d image(s) could not be read for a thumbnail (first: %s)",
                     len(unreadable), unreadable[0])
@@ -85,10 +115,20 @@ def write_gallery(out: str | os.PathLike, items: Sequence[GalleryItem], title: s
         totals=_totals(totals) if totals else "", options=_sort_options(scored),
         cards="\n".join(cards), script=_SCRIPT,
     )
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, page)
     return out
+
+
+def _swap_in(fresh: Path, folder: Path) -> None:
+    """Make `fresh` the thumbnail folder; the old one goes only if the gallery made it (checked again now)."""
+    _check_thumbs_folder(folder)
+    if folder.is_dir():
+        old = fresh.with_name(fresh.name.removesuffix(".tmp") + ".old")
+        os.rename(folder, old)
+        os.rename(fresh, folder)
+        shutil.rmtree(old)  # a marked gallery folder (or an empty one): thumbnails of an earlier page
+    else:
+        os.rename(fresh, folder)
 
 
 def _totals(totals: Mapping[str, float]) -> str:

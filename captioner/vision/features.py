@@ -15,9 +15,12 @@ so features never mix; fp32 features keep the folder they had before precisions 
 size or mtime changed is recomputed; an array that does not match the checksum in the index (a crash
 mid-write, a truncated copy) loses its rows, which are recomputed, rather than being read as garbage.
 
-Extraction commits its work every `chunk_size` images: a chunk file, then the index that lists it, each
+Extraction commits its work every `chunk_size` images, and also whenever `commit_seconds` (30 s) of work
+have passed since the last commit, whichever comes first: a chunk file, then the index that lists it, each
 written to a temporary name and renamed into place, under the lock. A killed extraction keeps every chunk
-it committed, so its rerun redoes at most the chunk it was working on. Every commit re-reads the index
+it committed, so its rerun redoes at most the chunk it was working on: at most 1,024 images and about 30 s
+of work, however slow the machine. (Under torchrun every commit gathers all processes' rows, so the
+processes commit by count alone, together.) Every commit re-reads the index
 under the lock and merges into it, so two processes extracting into one cache at once never lose each
 other's rows; at the end the chunks are merged into one features.npy (also under the lock).
 """
@@ -31,6 +34,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +55,7 @@ log = logging.getLogger("captioner")
 
 ARRAY_FILE, INDEX_FILE, LOCK_FILE, CHUNK_PREFIX = "features.npy", "index.json", ".lock", "chunk-"
 CHUNK_IMAGES = 1024  # images per commit (rounded to whole batches)
+COMMIT_SECONDS = 30.0  # ... or a commit after this much work, if that comes first
 LOCK_TIMEOUT_S = 3600.0  # a lock is held for one chunk write or one merge: waiting an hour means trouble
 _FORMAT = 2  # bump when the layout changes; format 1 (one array, fp32) is read as it is
 
@@ -102,12 +107,15 @@ class FeatureStore:
 
 def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path, batch_size: int = 64,
                      num_workers: int = 2, progress: bool = True, dist: Dist = Dist(),
-                     precision: Precision = FP32, chunk_size: int = CHUNK_IMAGES) -> FeatureStore:
+                     precision: Precision = FP32, chunk_size: int = CHUNK_IMAGES,
+                     commit_seconds: float = COMMIT_SECONDS,
+                     clock: Callable[[], float] = time.monotonic) -> FeatureStore:
     """Features for `image_paths`, computing only those not already cached (or changed since).
 
     Unreadable images are logged (one warning each), get no row, and are listed in `store.failures`.
     The encoder runs on whatever device its parameters are on, its GEMMs and convolutions in `precision`
-    (features of each precision are cached apart). Work is committed every `chunk_size` images.
+    (features of each precision are cached apart). Work is committed every `chunk_size` images and, in a
+    single process, whenever `commit_seconds` by `clock` have passed since the last commit.
 
     Under torchrun (`dist.world` > 1) every process encodes every world-th image still to do; rank 0
     gathers each chunk's vectors and commits them, and the others open the cache once it is in place.
@@ -145,6 +153,7 @@ def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path,
         commits = math.ceil(math.ceil(len(todo) / dist.world) / per_commit)
         pending: tuple[dict, dict] = ({}, {})
         done = made = 0
+        committed_at = clock()
         bar = tqdm(total=len(todo), unit="img", desc=f"features ({encoder.spec.name}, {precision.name})",
                    disable=None if progress and dist.is_main else True)  # None: no bar off a terminal
         with bar:
@@ -153,9 +162,12 @@ def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path,
                 pending[1].update(fails)
                 done += len(rows) + len(fails)
                 bar.update((len(rows) + len(fails)) * dist.world)
-                if done % per_commit == 0 or done == len(mine):
+                due = done % per_commit == 0 or done == len(mine)
+                if not dist.active and not due and clock() - committed_at >= commit_seconds:
+                    due = True  # slow images, a slow machine: commit by time too
+                if due:
                     failures.update(_commit_shared(cache, dist, todo, *pending, identities))
-                    pending, made = ({}, {}), made + 1
+                    pending, made, committed_at = ({}, {}), made + 1, clock()
             while made < commits:  # this process ran out of images: it still joins every gather
                 failures.update(_commit_shared(cache, dist, todo, {}, {}, identities))
                 made += 1
