@@ -42,9 +42,8 @@ from captioner.vision.features import extract_features
 VARIANTS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     "finetune": (("flickr8k",), "finetune", ()),
     "finetune-members": (("flickr8k", "flickr8k-2", "flickr8k-3"), "finetune", ()),
-    "finetune-no-boost": (("flickr8k",), "finetune", ("train.new_words_lr_scale=1",)),
+    "finetune-boost-10": (("flickr8k",), "finetune", ("train.new_words_lr_scale=10",)),
     "finetune-mean-rows": (("flickr8k",), "finetune", ("train.new_words=mean",)),
-    "finetune-mean-rows-no-boost": (("flickr8k",), "finetune", ("train.new_words=mean", "train.new_words_lr_scale=1")),
     "finetune-no-new-words": (("flickr8k",), "finetune", ("train.new_words=off",)),
     "finetune-boost-30": (("flickr8k",), "finetune", ("train.new_words_lr_scale=30",)),
     "finetune-lr1e-4": (("flickr8k",), "finetune", ("train.lr=1e-4",)),

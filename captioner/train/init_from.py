@@ -15,8 +15,8 @@ embedding row and an output row (weights and bias) chosen by train.new_words (`g
 - "mean": the mean of the old words' rows, the output bias that of a rare old word (the 10th percentile of
   the old words' biases);
 - "off": the vocabulary stays the model's own and new words train as <unk>.
-In the cross-entropy epochs the new rows take steps train.new_words_lr_scale times the others'
-(`boost_new_rows`): at a fine-tuning learning rate they would hardly move from where they started.
+With train.new_words_lr_scale above 1, the new rows take steps that many times the others' in the
+cross-entropy epochs (`boost_new_rows`), as a new layer gets a learning rate of its own.
 """
 
 from __future__ import annotations
