@@ -159,7 +159,8 @@ def main() -> None:
         per = [row["seeds"][s] for s in seeds]
         mean = lambda k: sum(x[k] for x in per) / len(per)  # noqa: E731
         secs = f"{sum(row['seconds']) / len(row['seconds']):.0f}" if row["seconds"] else "-"
-        cpu = f"{sum(row['cpu']) / len(row['cpu']):.0f}" if row["cpu"] else "-"
+        measured = [c for c in row["cpu"] if c == c]  # runs timed before CPU time was recorded are NaN
+        cpu = f"{sum(measured) / len(measured):.0f}" if measured else "-"
         print(" | ".join([name, *(f"{x['CIDEr']:.1f}" for x in per), f"{mean('CIDEr'):.1f}",
                           f"{mean('BLEU-4'):.1f}",
                           f"{sum(x['new_used'] for x in per)}/{sum(x['new_correct'] for x in per)}",
