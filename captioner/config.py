@@ -21,6 +21,7 @@ CONDITIONING = ("inject", "init", "both")
 SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
 DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "imagefolder")
 PRECISIONS = ("auto", "fp32", "bf16")  # captioner.precision.PRECISIONS (config.py imports no torch)
+NEW_WORDS = ("unk", "mean", "off")  # how a fine-tuned model's new words start (captioner.train.init_from)
 POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.POOLINGS (config imports no torch)
 
 
@@ -102,6 +103,14 @@ class TrainConfig:
     # Start from this model's weights, vocabulary and encoder: a checkpoint file or a shipped model's name
     # (`captioner train --init-from`, which also takes the architecture from it); "": from scratch.
     init_from: str = ""
+    # With init_from: the new data's words that reach data.min_count join the model's vocabulary, their rows
+    # started from <unk>'s (unk) or the old words' mean (mean); off: new words train as <unk>
+    # (captioner.train.init_from).
+    new_words: str = "unk"
+    # The new words' rows (embedding, output weights and bias) take steps this many times larger than the
+    # other weights' in the cross-entropy epochs (1: the same). On coco-dev 10 made them used on training
+    # photos but on no held-out one, and cost CIDEr (docs/results.md), so the default is 1.
+    new_words_lr_scale: float = 1.0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
 
@@ -162,6 +171,9 @@ def validate(cfg: Config) -> Config:
         (t.scst_epochs == 0 or cfg.encoder.fine_tune == 0,
          "train.scst_epochs needs a frozen encoder (encoder.fine_tune = 0): SCST trains the decoder on cached features"),
         (t.eval_max_len > 0, f"train.eval_max_len must be positive, got {t.eval_max_len}"),
+        (t.new_words in NEW_WORDS, f"train.new_words must be one of {', '.join(NEW_WORDS)}, got {t.new_words!r}"),
+        (t.new_words_lr_scale > 0 and math.isfinite(t.new_words_lr_scale),
+         f"train.new_words_lr_scale must be positive, got {t.new_words_lr_scale}"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"),
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),

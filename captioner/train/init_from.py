@@ -6,6 +6,17 @@ tags are replaced by the model's own, with one line saying which keys changed. T
 `--config`, or, without one, from the config the model was trained with (when it stores one). The source is
 recorded as train.init_from in the run's config, so that `--resume` before the first checkpoint starts from
 it again (after that, last.pt holds the weights).
+
+New words. The new training captions' words that reach data.min_count and that the model's vocabulary lacks
+are appended to it (`extend_vocabulary`): every old word keeps its id and its rows, and each new word gets an
+embedding row and an output row (weights and bias) chosen by train.new_words (`grow_rows`):
+- "unk": the rows of <unk>, so that each new word starts where the model put the words it did not know,
+  as likely as <unk> was there (<unk> itself is never emitted);
+- "mean": the mean of the old words' rows, the output bias that of a rare old word (the 10th percentile of
+  the old words' biases);
+- "off": the vocabulary stays the model's own and new words train as <unk>.
+With train.new_words_lr_scale above 1, the new rows take steps that many times the others' in the
+cross-entropy epochs (`boost_new_rows`), as a new layer gets a learning rate of its own.
 """
 
 from __future__ import annotations
@@ -16,10 +27,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from captioner import checkpoint
 from captioner.config import Config, from_dict, load_config, parse_overrides, validate
 from captioner.data.records import Record
-from captioner.data.vocab import Vocabulary, tokenize
+from captioner.data.vocab import SPECIALS, Vocabulary, tokenize
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -123,14 +136,77 @@ def load_init(cfg: Config) -> checkpoint.LoadedModel:
     return loaded
 
 
-def report_unknown_words(train: list[Record], vocab: Vocabulary, source: str) -> dict[str, Any]:
-    """One line: how many caption words of the new training data the model's vocabulary lacks."""
+def extend_vocabulary(vocab: Vocabulary, train: list[Record], min_count: int) -> tuple[Vocabulary, list[str]]:
+    """The model's vocabulary with the training captions' words that reach `min_count` and that it lacks
+    appended (most frequent first, as Vocabulary.build orders them), and those words. Old ids are unchanged."""
+    built = Vocabulary.build((c for r in train for c in r.captions), min_count=min_count)
+    added = [w for w in built.words if w not in vocab]
+    return Vocabulary(vocab.words + tuple(added)), added
+
+
+# The output bias a new word starts with under "mean": this quantile of the old words' biases, a rare word's.
+RARE_BIAS_QUANTILE = 0.1
+
+
+def grow_rows(state: dict[str, torch.Tensor], vocab: Vocabulary, n_new: int, how: str) -> dict[str, torch.Tensor]:
+    """A decoder's weights (`state`, for `vocab`) with `n_new` rows appended to the embedding and to the
+    output layer's weights and bias, started as `how` says (the module docstring); the old rows unchanged."""
+    if n_new == 0:
+        return dict(state)
+    words = slice(len(SPECIALS), None)  # real words: the specials' rows are no word's
+    grown = dict(state)
+    for name in ("embed.weight", "out.weight", "out.bias"):
+        old = state[name]
+        if how == "unk":
+            row = old[vocab.unk_id]
+        elif name == "out.bias":
+            row = torch.quantile(old[words].float(), RARE_BIAS_QUANTILE).to(old.dtype)
+        else:
+            row = old[words].mean(dim=0)
+        grown[name] = torch.cat([old, row.expand(n_new, *old.shape[1:]).clone()])
+    return grown
+
+
+def boost_new_rows(optimizer: torch.optim.Optimizer, model: torch.nn.Module, first: int, scale: float) -> None:
+    """Make every step of `optimizer` move the rows from id `first` on of the decoder's embedding and output
+    layer (weights and bias) `scale` times as far as it would (a learning rate of their own, as a new layer
+    gets one: they start from scratch while the rest is only adjusted). The other rows' steps are untouched."""
+    tensors = list({id(t): t for t in (model.embed.weight, model.out.weight, model.out.bias)}.values())
+    before: list[torch.Tensor] = []
+
+    def remember(*_: Any) -> None:
+        before[:] = [t.detach()[first:].clone() for t in tensors]
+
+    @torch.no_grad()
+    def stretch(*_: Any) -> None:
+        for t, old in zip(tensors, before):
+            t[first:] = old + scale * (t[first:] - old)
+
+    if scale != 1.0:
+        optimizer.register_step_pre_hook(remember)
+        optimizer.register_step_post_hook(stretch)
+
+
+def report_new_words(train: list[Record], vocab: Vocabulary, added: list[str], source: str,
+                     min_count: int, extended: bool = True) -> dict[str, Any]:
+    """One line: how many words the vocabulary gained, and how many caption words of the new training data
+    it still lacks (those train as <unk>). `vocab` is the vocabulary training uses (the model's own, extended
+    by `added`)."""
     counts = Counter(w for r in train for c in r.captions for w in tokenize(c))
     unknown = Counter({w: n for w, n in counts.items() if w not in vocab})
     total, missing = sum(counts.values()), sum(unknown.values())
     share = 100.0 * missing / total if total else 0.0
-    shown = ", ".join(w for w, _ in unknown.most_common(5))
-    log.info("%d of the %d caption words of the training images (%.1f%%) are not in %s's vocabulary of %d "
-             "words: %d distinct words%s; they train as <unk>", missing, total, share, source, len(vocab),
-             len(unknown), f" (most frequent: {shown})" if shown else "")
-    return {"tokens": total, "unknown_tokens": missing, "unknown_words": len(unknown), "percent": share}
+    shown = ", ".join(added[:5])
+    rest = ", ".join(w for w, _ in unknown.most_common(3))
+    if added:
+        gained = (f"added {len(added)} words to {source}'s vocabulary of {len(vocab) - len(added)} (those of the "
+                  f"training captions seen at least {min_count} times (data.min_count) that it lacked"
+                  f"{': ' + shown + (', ...' if len(added) > 5 else '') if shown else ''}); ")
+    else:
+        why = f"none of its missing words is seen {min_count} times" if extended else "train.new_words = off"
+        gained = f"added no word to {source}'s vocabulary of {len(vocab)} ({why}); "
+    log.info("%s%d of the %d caption words of the training images (%.1f%%) remain unknown: %d distinct words%s; "
+             "they train as <unk>", gained, missing, total, share, len(unknown),
+             f" (most frequent: {rest})" if rest else "")
+    return {"added": len(added), "tokens": total, "unknown_tokens": missing, "unknown_words": len(unknown),
+            "percent": share}

@@ -7,6 +7,7 @@ function of the step, and the optimizer state is saved at the end of every epoch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from captioner.device import resolve_device
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import announce, resolve as resolve_precision
-from captioner.train.init_from import load_init, report_unknown_words
+from captioner.train.init_from import boost_new_rows, extend_vocabulary, grow_rows, load_init, report_new_words
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
@@ -84,7 +85,7 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         announce(precision)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    init = None
+    init, added = None, []
     if cfg.train.init_from and resumed is None:  # a resumed run's weights and vocabulary are in last.pt
         init = load_init(cfg)
         vocab = init.vocab
@@ -97,8 +98,12 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         if differs:
             raise CaptionerError(f"train.init_from {cfg.train.init_from}: trained on {cfg.encoder.name} features "
                                  f"with other settings ({', '.join(differs)}) than this install's encoder provides")
+        if cfg.train.new_words != "off":  # the new captions' frequent words join the model's vocabulary
+            extended, added = extend_vocabulary(vocab, data.train, cfg.data.min_count)
+            data = dataclasses.replace(data, vocab=extended)
         if dist.is_main:
-            report_unknown_words(data.train, vocab, cfg.train.init_from)
+            report_new_words(data.train, data.vocab, added, cfg.train.init_from, cfg.data.min_count,
+                             extended=cfg.train.new_words != "off")
     if dist.is_main and data.holdout is not None:
         holdout.write(run_dir, data.holdout)
         log.info("%s has no val split: %s; listed in %s", cfg.data.root, data.holdout.describe(),
@@ -119,14 +124,20 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
     epoch, best, bad_epochs = 0, None, 0
     step = 0
     if init is not None:
-        checkpoint.load_state(model, init.model.state_dict(), cfg.train.init_from)
+        checkpoint.load_state(model, grow_rows(init.model.state_dict(), init.vocab, len(added), cfg.train.new_words),
+                              cfg.train.init_from)
+    # The first id of the words added to the vocabulary of the model the run started from (None: none added).
+    new_from = len(init.vocab) if init is not None and added else None
     if resumed is not None:
+        new_from = resumed_model.checkpoint.get("new_words_from")
         checkpoint.load_state(model, resumed_model.model.state_dict(), last_path)
         if source.encoder is not None:
             checkpoint.load_state(source.encoder, resumed_model.encoder_state or {}, last_path)
         optimizer.load_state_dict(resumed.optimizer)
         epoch, step, best, bad_epochs = resumed.epoch, resumed.step, resumed.best, resumed.bad_epochs
         log.info("resuming %s at epoch %d (step %d)", run_dir, epoch, step)
+    if new_from is not None:
+        boost_new_rows(optimizer, model, new_from, tc.new_words_lr_scale)
     # DDP averages gradients across processes during backward; checkpoints save the unwrapped model.
     trained = EndToEnd(source.encoder, model) if source.encoder is not None else model
     trained = DistributedDataParallel(trained) if dist.active else trained
@@ -184,6 +195,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
                                                           source.encoder_state())
                     if data.holdout is not None:
                         payload["holdout"] = data.holdout.to_dict()
+                    if new_from is not None:
+                        payload["new_words_from"] = new_from
                     write_epoch(run_dir, entry, metrics, improved, payload)
                 dist.barrier()
             first = end
