@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 
+from captioner import pretrained
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise CaptionerError("--max-wait-ms must be 0 or more and --max-upload-mb above 0")
     if not 0 <= args.port <= 65535:
         raise CaptionerError(f"--port must be 0..65535, got {args.port}")
+    pretrained.resolve(args.checkpoint)  # a wrong name or a missing file answers before torch loads
 
     import torch
     import uvicorn
