@@ -18,6 +18,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -225,12 +226,39 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
                              f"{'; '.join(config_differences(cfg, expected))}")
     if ckpt["feature_dim"] <= 0:
         raise CaptionerError(f"{path}: damaged checkpoint: feature_dim {ckpt['feature_dim']}")
-    with torch.device("meta"):  # no random initialisation (seconds on a small CPU): every weight is loaded below
+    with _without_random_init():  # every weight is loaded below: no need to draw them first
         model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
-    model.to_empty(device="cpu")
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     load_state(model, state, path)
     return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get("encoder_state"))
+
+
+# torch.nn.init's in-place initialisers. The decoder's orthogonal W_hh blocks alone (a QR factorisation
+# each) took 0.3-2 s per model on the shared 2-core CPU, before the checkpoint's weights replaced them.
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+
+
+@contextmanager
+def _without_random_init():
+    """Modules built inside keep the values torch.empty gives them instead of drawing random ones: for a
+    model whose every weight is loaded next (load_state refuses a checkpoint that lacks one). The
+    initialisers are swapped for no-ops only while the block runs, as Hugging Face's `no_init_weights`
+    does, and restored however it ends. (Not a torch.device("meta") build: initialising on the meta
+    device imports torch's compiler stack, which costs more than the initialisation it saves.)"""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, _keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
 
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
