@@ -10,8 +10,8 @@ Each round runs, one after another (so a busy machine slows them alike):
     captioner caption --checkpoint flickr8k PHOTO     its first member alone
     python -c PARTS ...                               the caption path again, timed part by part
 
-and prints the median wall clock of each with its peak resident memory and its distance from
-`import torch`; then the medians of the parts (import torch, the command's other imports, loading
+and prints the median wall clock of each, its CPU time (user + system, less disturbed than the wall
+clock where other work shares the CPU), its peak resident memory, and its distance from `import torch`; then the medians of the parts (import torch, the command's other imports, loading
 each member, building the CNN, the first photo through it and the beam search) and the heavy modules
 that the caption path imported. `captioner` is the console script beside this interpreter (else
 `python -m captioner`); PYTHONPATH passes through, so a checkout's code is what runs. `--baseline DIR`
@@ -67,8 +67,8 @@ def captioner_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "captioner"]
 
 
-def run(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak resident MB, stdout) of one child process; raises if it fails."""
+def run(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, str, float]:
+    """(wall seconds, peak resident MB, stdout, CPU seconds) of one child process; raises if it fails."""
     env = dict(os.environ) if pythonpath is None else {**os.environ, "PYTHONPATH": pythonpath}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -79,7 +79,7 @@ def run(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, s
         out.seek(0), err.seek(0)
         if child.returncode:
             raise SystemExit(f"{' '.join(argv)} failed ({child.returncode}): {err.read()[-2000:]}")
-        return wall, usage.ru_maxrss / 1024, out.read()
+        return wall, usage.ru_maxrss / 1024, out.read(), usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -102,27 +102,28 @@ def main() -> None:
             commands[f"{name}, baseline"] = commands[name]
             paths[f"{name}, baseline"] = str(Path(args.baseline).resolve())
     parts_runs = {"ensemble": "", "flickr8k": "flickr8k"}
-    walls: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    walls: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     parts: dict[str, list[dict]] = {name: [] for name in parts_runs}
     captions: dict[str, str] = {}
     for _ in range(args.rounds):
         for name, argv in commands.items():
-            wall, mb, out = run(argv, paths[name])
-            walls[name].append((wall, mb))
+            wall, mb, out, cpu = run(argv, paths[name])
+            walls[name].append((wall, mb, cpu))
             if "caption" in name:
                 captions[name] = out.strip()
         for name, models in parts_runs.items():
-            _, _, out = run([py, "-c", PARTS, args.photo, models, ",".join(HEAVY)])
+            _, _, out, _ = run([py, "-c", PARTS, args.photo, models, ",".join(HEAVY)])
             parts[name].append(json.loads(out))
 
     print(f"{sys.executable}, {shutil.which('nproc') and os.cpu_count()} CPUs, {args.photo}; medians of "
           f"{args.rounds} interleaved rounds, cold processes")
-    floor = statistics.median(w for w, _ in walls['python -c "import torch"'])
-    print(f"{'command':<52} {'wall s':>7} {'vs torch':>9} {'peak MB':>8}")
+    torch_runs = walls['python -c "import torch"']
+    floor = statistics.median(r[0] for r in torch_runs)
+    cpu_floor = statistics.median(r[2] for r in torch_runs)
+    print(f"{'command':<52} {'wall s':>7} {'vs torch':>9} {'CPU s':>7} {'vs torch':>9} {'peak MB':>8}")
     for name, runs in walls.items():
-        wall = statistics.median(w for w, _ in runs)
-        mb = statistics.median(m for _, m in runs)
-        print(f"{name:<52} {wall:>7.2f} {wall - floor:>+9.2f} {mb:>8.0f}")
+        wall, mb, cpu = (statistics.median(r[i] for r in runs) for i in range(3))
+        print(f"{name:<52} {wall:>7.2f} {wall - floor:>+9.2f} {cpu:>7.2f} {cpu - cpu_floor:>+9.2f} {mb:>8.0f}")
     for name, line in captions.items():
         print(f"  {name}: {line}")
     for name, runs in parts.items():
