@@ -34,9 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Modules the caption path should not need; the parts line says which of them it imported.
+# Modules the caption path should not need; the parts line says which of them it imported. (tqdm is not
+# among them: `import torch` imports it itself.)
 HEAVY = ("torchvision", "torch._dynamo", "sympy", "matplotlib", "nltk", "pycocoevalcap", "pycocotools",
-         "scipy", "pandas", "tqdm", "filelock")
+         "scipy", "pandas", "filelock")
 
 PARTS = r"""
 import json, sys, time
