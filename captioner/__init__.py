@@ -4,17 +4,19 @@ step writes the caption.
     from captioner import Captioner
     cap = Captioner.from_pretrained()            # the shipped ensemble; a name, a checkpoint path or a list
     cap("photo.jpg")                             # -> "a dog runs through the grass"
+    captioner.list_pretrained()                  # the shipped models' names (get_pretrained(NAME): the details)
 
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
 -> search (greedy, beam, sampling) -> metrics.
 
-Importing the package imports no torch: `Captioner`, `CaptionerError` and `Guards` are loaded on first use, so the
+Importing the package imports no torch: `Captioner`, `CaptionerError`, `Guards` and the shipped models' list are
+loaded on first use, so the
 `captioner` command answers --help at once.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Captioner", "CaptionerError", "Guards", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "Guards", "get_pretrained", "list_pretrained", "__version__"]
 
 
 def __getattr__(name: str):
@@ -30,8 +32,12 @@ def __getattr__(name: str):
         from captioner.model.constraints import Guards
 
         return Guards
+    if name in ("list_pretrained", "get_pretrained"):
+        from captioner import pretrained
+
+        return getattr(pretrained, name)
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards"])
+    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards", "get_pretrained", "list_pretrained"])

@@ -4,7 +4,8 @@ Training allocates several fresh (tokens x vocabulary) fp32 tensors per step, ~2
 sizes. glibc's malloc serves blocks that large with mmap and gives them back to the kernel on free, so
 each one is page-faulted in again, which on a VM can cost more than the arithmetic on it. The allocator
 is chosen before the process starts (GLIBC_TUNABLES is read at startup, a preloaded library must be
-loaded first), so the command re-executes itself once with the environment set:
+loaded first), so `captioner train` re-executes itself once with the environment set (the commands that
+do not train start once, see COMMANDS):
 
     CAPTIONER_ALLOCATOR=auto          (default) the measured best that is present, see AUTO
     CAPTIONER_ALLOCATOR=system        leave the process as it was started
@@ -40,6 +41,9 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch6
 # 10 s; as it comes, it faults more than glibc. This keeps them, as GLIBC_TUNED does.
 JEMALLOC_TUNED = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 AUTO = "glibc-tuned"  # what `auto` means: the measured winner (docs/precision.md, "Memory allocator")
+# The commands that re-execute: only training allocates the large tensors this is for. The others (caption,
+# evaluate, serve, ...) start once, saving a second interpreter start on every cold caption.
+COMMANDS = frozenset({"train"})
 
 
 def jemalloc_path(exists: Callable[[str], bool] = os.path.isfile) -> str | None:

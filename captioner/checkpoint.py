@@ -12,8 +12,6 @@ Format versions (`format_version` in the dict; `read` migrates older ones in mem
 
 from __future__ import annotations
 
-from importlib import resources
-
 import dataclasses
 import logging
 import os
@@ -21,12 +19,14 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from captioner import pretrained
 from captioner.atomic import atomic_write, remove_stale_temps
 from captioner.config import Config, ModelConfig, model_config_from_dict, validate
 from captioner.data.vocab import Vocabulary
@@ -233,7 +233,8 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
     if ckpt["feature_dim"] <= 0:
         raise CaptionerError(f"{path}: damaged checkpoint: feature_dim {ckpt['feature_dim']}")
     _check_size(cfg, len(vocab), ckpt["feature_dim"], path)
-    model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
+    with _without_random_init():  # every weight is loaded below: no need to draw them first
+        model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     load_state(model, state, path)
     return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get("encoder_state"))
@@ -279,6 +280,34 @@ def _memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+# torch.nn.init's in-place initialisers. The decoder's orthogonal W_hh blocks alone (a QR factorisation
+# each) took 0.3-2 s per model on the shared 2-core CPU, before the checkpoint's weights replaced them.
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+
+
+@contextmanager
+def _without_random_init():
+    """Modules built inside keep the values torch.empty gives them instead of drawing random ones: for a
+    model whose every weight is loaded next (load_state refuses a checkpoint that lacks one). The
+    initialisers are swapped for no-ops only while the block runs, as Hugging Face's `no_init_weights`
+    does, and restored however it ends. (Not a torch.device("meta") build: initialising on the meta
+    device imports torch's compiler stack, which costs more than the initialisation it saves.)"""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, _keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
 
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -402,63 +431,25 @@ def export(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-# The models shipped inside the package, by name (captioner/pretrained/NAME.pt): the three members of
-# configs/flickr8k-ensemble.toml, exported by `captioner export RUN_DIR captioner/pretrained/flickr8k.pt`. The
-# default is their ensemble; SINGLE_MODEL, the first (exactly `--config flickr8k`), is the fastest on its own
-# and what `analyze` looks inside.
-SINGLE_MODEL = "flickr8k"
-DEFAULT_MODELS = ("flickr8k", "flickr8k-2", "flickr8k-3")
-
-
-def _shipped() -> Path:
-    return Path(str(resources.files("captioner") / "pretrained"))
+# Which files a checkpoint argument names (a shipped model's name, a file, an ensemble run's folder) is
+# captioner.pretrained's business, the one place that knows the shipped models; these names stay for the
+# code that has always asked here. SINGLE_MODEL, the first member (exactly `--config flickr8k`), is the
+# fastest alone and what `analyze` looks inside; DEFAULT_MODELS, the members of the default ensemble.
+SINGLE_MODEL = pretrained.SINGLE
+DEFAULT_MODELS = pretrained.default_members()
 
 
 def pretrained_path(name_or_path: str | Path | None) -> Path:
-    """None or a shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path.
-
-    None is the single shipped model; `default_checkpoints` lists the default ensemble's members.
-    """
-    if name_or_path is None:
-        return default_checkpoint()
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    if path.name != str(name_or_path) or path.suffix in (".pt", ".pth"):  # a path, not a name
-        if path.is_dir():
-            inside = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), None)
-            hint = f" (the checkpoint in it: {inside})" if inside else ""
-            raise CaptionerError(f"{name_or_path}: is a directory, not a checkpoint file{hint}")
-        raise CaptionerError(f"{name_or_path}: checkpoint not found")
-    candidate = _shipped() / f"{name_or_path}.pt"
-    if candidate.is_file():
-        return candidate
-    names = ", ".join(sorted(p.stem for p in _shipped().glob("*.pt"))) or "none"
-    raise CaptionerError(f"{name_or_path}: neither a checkpoint file nor a shipped model's name "
-                         f"(shipped: {names})")
+    """None or a single shipped model's name ("flickr8k") -> that file; otherwise a checkpoint file's path."""
+    return pretrained.resolve_one(name_or_path)
 
 
 def pretrained_paths(names_or_paths: Sequence[str | Path]) -> list[Path]:
-    """Checkpoint files or shipped models' names -> their files; none named -> the default ensemble's.
-
-    The run directory of an ensemble (captioner.train.ensemble) stands for its members' best checkpoints."""
-    if not names_or_paths:
-        return default_checkpoints()
-    return [f for p in names_or_paths for f in (member_checkpoints(p) or [pretrained_path(p)])]
+    """Checkpoint files, shipped models' names or ensemble run folders -> their files; none -> the default's."""
+    return pretrained.resolve(names_or_paths)
 
 
-def member_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The best checkpoints of an ensemble run's members (RUN_DIR/member-i/best.pt, in member order); [] when
-    `run_dir` is not such a folder. A member without a best checkpoint yet is an error naming it."""
-    folder = Path(run_dir).expanduser()
-    if not folder.is_dir():
-        return []
-    members = sorted((d for d in folder.glob("member-*") if d.is_dir() and d.name[7:].isdigit()),
-                     key=lambda d: int(d.name[7:]))
-    unfinished = [str(d) for d in members if not (d / "best.pt").is_file()]
-    if unfinished:
-        raise CaptionerError(f"{folder}: ensemble members without a best.pt yet: {', '.join(unfinished)}")
-    return [d / "best.pt" for d in members]
+member_checkpoints = pretrained.member_checkpoints
 
 
 def export_all(src: str | Path, dst: str | Path) -> list[Path]:
@@ -474,16 +465,9 @@ def export_all(src: str | Path, dst: str | Path) -> list[Path]:
 
 def default_checkpoint() -> Path:
     """The single shipped model (a GRU decoder trained on Flickr8k train, selected on dev)."""
-    return _shipped_file(SINGLE_MODEL)
+    return pretrained.resolve_one(None)
 
 
 def default_checkpoints() -> list[Path]:
     """The shipped models that, ensembled, are the default captioner."""
-    return [_shipped_file(name) for name in DEFAULT_MODELS]
-
-
-def _shipped_file(name: str) -> Path:
-    path = _shipped() / f"{name}.pt"
-    if not path.is_file():
-        raise CaptionerError(f"the shipped model {path} is missing from this install; pass --checkpoint")
-    return path
+    return pretrained.resolve([])

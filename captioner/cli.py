@@ -1,4 +1,4 @@
-"""The `captioner` command: caption, train, evaluate, analyze, export, serve.
+"""The `captioner` command: caption, models, train, evaluate, analyze, export, serve.
 
     captioner caption photo.jpg                     # python -m captioner ... is the same
     captioner train --config flickr8k --data ../shared/datasets/flickr8k
@@ -8,9 +8,10 @@ option answer at once, and torch loads only when a command runs (each lives in c
 as `run(args) -> exit status`). A CaptionerError (something the user can fix) is printed as
 `error: ...` with exit status 2, never as a traceback; Ctrl-C exits with 130.
 
-As the process's own entry (the console script, `python -m captioner`, the train.py-style wrappers) it
-first re-executes itself once with a faster memory allocator for training's large tensors, unless the
-user chose one (captioner.allocator; CAPTIONER_ALLOCATOR=system turns it off).
+As the process's own entry (the console script, `python -m captioner`, the train.py-style wrappers) a
+command that trains first re-executes itself once with a faster memory allocator for training's large
+tensors, unless the user chose one (captioner.allocator; CAPTIONER_ALLOCATOR=system turns it off); the
+others (captioning a photo) start once.
 """
 
 from __future__ import annotations
@@ -99,6 +100,18 @@ still captioned; the exit status is 1 if any image failed.""")
     p.add_argument("--html", metavar="OUT.html",
                    help="also write a gallery page: each image's thumbnail with its captions (thumbnails go "
                         "in OUT_files/ beside it)")
+    p.add_argument("--output", metavar="FILE",
+                   help="also write the captions to FILE, one row per image: JSON lines (.jsonl) or CSV (.csv) "
+                        "by its suffix; written whole or not at all")
+    p.add_argument("--batch-size", type=int, default=16, help="images through the CNN and the search at once")
+
+
+def _models(sub) -> None:
+    p = sub.add_parser("models", help="list the shipped models", formatter_class=_Formatter,
+                       description="""The models shipped inside the package, which `--checkpoint NAME` takes: their
+members, encoder, decoder, dev scores, size, how they were trained and their licence
+(captioner.list_pretrained() in Python).""")
+    p.add_argument("--json", action="store_true", help="print them as one JSON list")
 
 
 def _train(sub) -> None:
@@ -247,7 +260,7 @@ served: --allow-host and --allow-origin add others.""")
                         "(needed with --host 0.0.0.0: the machine's name or address); repeatable")
 
 
-COMMANDS = {"caption": _caption, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}
+COMMANDS = {"caption": _caption, "models": _models, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Image captioning: a pretrained CNN encodes the photo, an RNN "
                                                  "that sees it at every step writes the caption.")
     parser.add_argument("--version", action="version", version=f"captioner {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say more: the precision each command runs in, the allocator, debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)
@@ -268,9 +282,9 @@ def main(argv: Sequence[str] | None = None, entry: bool | None = None) -> None:
     `entry`: this call starts the process (default: when argv is None), so it may re-execute the process
     with the chosen allocator first; a call from other code (a test, a notebook) never does.
     """
-    if entry if entry is not None else argv is None:
-        allocator.reexec()
     args = build_parser().parse_args(argv)
+    if args.command in allocator.COMMANDS and (entry if entry is not None else argv is None):
+        allocator.reexec()
     setup_logging(args.verbose)
     logging.getLogger("captioner").debug("allocator: %s", allocator.describe())
     module = importlib.import_module(f"captioner.commands.{args.command}")

@@ -73,7 +73,13 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
 
     def describe(self) -> str:
-        return f"precision {self.name} on {self.device_type}: {self.reason}"
+        """One plain line: "precision: fp32 on cpu (auto: the CPU has no native bf16 ...)"."""
+        return f"precision: {self.name} on {self.device_type} ({self.reason})"
+
+    @property
+    def slow(self) -> bool:
+        """bf16 asked for where it is emulated: slower than fp32, which the user should hear about."""
+        return self.name == "bf16" and "slower" in self.reason
 
 
 def cpu_flags(path: str | Path = "/proc/cpuinfo") -> frozenset[str]:
@@ -101,7 +107,7 @@ def native_bf16(flags: frozenset[str] | None = None) -> tuple[bool, str]:
     if found:
         return True, f"the CPU has native bf16 ({', '.join(found)})"
     if flags:
-        return False, "the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so bf16 would be emulated"
+        return False, "the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
     return False, "the CPU's bf16 support could not be read (no /proc/cpuinfo flags)"
 
 
@@ -146,14 +152,19 @@ def resolve(name: str, device: torch.device | str = "cpu", flags: frozenset[str]
     if name == "bf16":
         if native:
             return Precision("bf16", kind, f"asked for; {evidence}")
-        return Precision("bf16", kind, f"asked for, although {evidence}: expect it to be slower than fp32")
+        return Precision("bf16", kind, f"asked for, although {evidence}: bf16 is emulated there, expect it "
+                                       "to be slower than fp32")
     return Precision("bf16" if native else "fp32", kind, f"auto: {evidence}")
 
 
-def announce(precision: Precision) -> Precision:
-    """Log the one line saying which precision runs and why (a warning for emulated bf16); returns it."""
-    slow = precision.name == "bf16" and "slower" in precision.reason
-    log.log(logging.WARNING if slow else logging.INFO, "%s", precision.describe())
+def announce(precision: Precision, verbose_only: bool = False) -> Precision:
+    """Log the one line saying which precision runs and why; returns it.
+
+    Training says it always (it decides speed and the checkpoint's numerics); a command that only decodes
+    passes verbose_only and says it under --verbose alone. Emulated bf16, slower than fp32, is a warning
+    either way."""
+    level = logging.WARNING if precision.slow else logging.DEBUG if verbose_only else logging.INFO
+    log.log(level, "%s", precision.describe())
     return precision
 
 

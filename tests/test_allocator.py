@@ -112,17 +112,39 @@ def test_the_command_reexecutes_once_with_the_chosen_allocator(tmp_path):
     # --help through the re-execution: output and exit status as ever
     done = _cli("--help")
     assert done.returncode == 0 and "caption" in done.stdout
-    # a cheap command that fails: its exit status and error survive the re-execution, and -v logs the allocator
-    done = _cli("-v", "export", str(tmp_path / "missing.pt"), str(tmp_path / "out.pt"))
+    # a cheap training command that fails: its exit status and error survive the re-execution, and -v logs
+    # the allocator
+    missing = str(tmp_path / "missing.toml")
+    done = _cli("-v", "train", "--config", missing)
     assert done.returncode == 2 and "error:" in done.stderr
     jemalloc = allocator.AUTO == "jemalloc" and allocator.jemalloc_path()
     expected = "jemalloc (LD_PRELOAD" if jemalloc else "glibc (GLIBC_TUNABLES"
     assert _allocator_line(done.stderr) == f"allocator: {expected}, set by captioner)"
     # a user's own setting is left alone, and the opt-out runs the process as started
-    done = _cli("-v", "export", str(tmp_path / "missing.pt"), "o.pt", GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    done = _cli("-v", "train", "--config", missing, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
     assert _allocator_line(done.stderr) == "allocator: glibc (user's GLIBC_TUNABLES)"
-    done = _cli("-v", "export", str(tmp_path / "missing.pt"), "o.pt", **{CHOICE: "system"})
+    done = _cli("-v", "train", "--config", missing, **{CHOICE: "system"})
     assert _allocator_line(done.stderr) == "allocator: glibc (default)"
+
+
+@pytest.mark.skipif(not allocator._glibc(), reason="the allocator is chosen on Linux with glibc only")
+def test_commands_that_do_not_train_start_once(tmp_path, monkeypatch):
+    # the allocator helps training's large tensors only: a caption or an export is not worth a second start
+    for args in (["export", str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")],
+                 ["caption", str(tmp_path / "nothere.jpg")]):
+        done = _cli("-v", *args)
+        assert done.returncode in (1, 2) and "error:" in done.stderr
+        assert _allocator_line(done.stderr) == "allocator: glibc (default)"
+    from captioner import cli
+
+    calls = []
+    monkeypatch.setattr(allocator, "reexec", lambda *a: calls.append(a))
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")], entry=True)
+    assert calls == []
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(tmp_path / "missing.toml")], entry=True)
+    assert len(calls) == 1
 
 
 @pytest.mark.skipif(not allocator._glibc(), reason="the allocator is chosen on Linux with glibc only")

@@ -262,7 +262,7 @@ def bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("case", ["truncated", "hostile", "other architecture", "newer"])
 def test_caption_cli_refuses_bad_checkpoint_in_one_line(tmp_path, case):
     path, message = bad_checkpoints(tmp_path)[case]
-    proc = subprocess.run([sys.executable, "caption.py", "photo.jpg", "--checkpoint", str(path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "caption.py", "examples/street.jpg", "--checkpoint", str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [proc.stderr.strip()]  # exactly one line

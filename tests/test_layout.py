@@ -20,7 +20,7 @@ PACKAGE = REPO / "captioner"
 
 # The data flow, lowest first: a module may import from its own stage or a lower one, never a higher one.
 STAGES = [
-    {"errors", "atomic", "allocator", "config", "device", "distributed", "precision"},
+    {"errors", "atomic", "allocator", "config", "device", "distributed", "precision", "pretrained"},
     {"data"},
     {"vision"},
     {"model"},
@@ -30,7 +30,7 @@ STAGES = [
     {"train"},
     {"inference"},
     {"serve"},
-    {"commands", "cli", "__main__", "__init__", "pretrained", "configs"},
+    {"commands", "cli", "__main__", "__init__", "configs"},
 ]
 RANK = {name: i for i, names in enumerate(STAGES) for name in names}
 

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from captioner import checkpoint
+from captioner import pretrained
 from captioner.data.holdout import Holdout
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
 from captioner.commands import guards_of
@@ -17,10 +17,6 @@ from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.hallucination import format_hallucination, object_hallucination
 from captioner.eval.metrics import format_table, score_captions
-from captioner.device import resolve_device
-from captioner.inference import Captioner
-from captioner.precision import announce, resolve
-from captioner.vision.features import extract_features
 
 log = logging.getLogger("captioner")
 
@@ -47,8 +43,10 @@ def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[
     """For data without a val split: the training images held out as dev when the checkpoint was trained
     (recorded in it, see captioner.data.holdout) become its val split, and leave train. Unchanged when
     the checkpoints record no such slice."""
+    from captioner import checkpoint
+
     recorded = {}
-    for path in checkpoint.pretrained_paths(paths):
+    for path in pretrained.resolve(paths):
         raw = checkpoint.read(path).get("holdout")
         if raw is not None:
             recorded[path] = Holdout.from_dict(raw, str(path))
@@ -76,10 +74,24 @@ def write_report(path: Path, report: dict) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The arguments are checked before the data and the model load: a mistake answers at once.
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
+    if args.beam_size < 1:
+        raise CaptionerError(f"--beam-size must be at least 1, got {args.beam_size}")
     if args.html:
         check_page_path(args.html)
+    if args.json and not Path(args.json).parent.is_dir():
+        raise CaptionerError(f"{Path(args.json).parent}: no such folder for the --json file")
+    if not Path(args.data).exists():
+        raise CaptionerError(f"{args.data}: no such folder (--data)")
+    pretrained.resolve(args.checkpoint)  # a wrong name or a missing checkpoint file
+
+    from captioner.device import resolve_device
+    from captioner.inference import Captioner
+    from captioner.precision import announce, resolve
+    from captioner.vision.features import extract_features
+
     all_records = load_records(args.data, format=args.format)
     if not any(r.split == "val" for r in all_records):
         all_records = held_out_as_val(all_records, args.checkpoint, args.data)
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve(args.precision, device.type)
     captioner = Captioner.from_checkpoints(args.checkpoint, device, precision=precision)
     records = records[: args.limit or None]
-    announce(precision)  # once the model and the split have loaded: a bad input stays a one-line error
+    announce(precision, verbose_only=True)  # once the model and the split have loaded: a bad input stays one line
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir),
                              precision=precision)
     records = [r for r in records if r.image in store]
@@ -106,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     objects = object_hallucination(captions, references)
     print(format_hallucination(objects))
     # One checkpoint is named as before; an ensemble lists its members.
-    named = args.checkpoint or [f"shipped {name}" for name in checkpoint.DEFAULT_MODELS]
-    described = named if len(named) > 1 else str(named[0])
+    named = args.checkpoint or [f"shipped {name}" for name in pretrained.default_members()]
+    described = named if len(named) > 1 else str(named[0])  # the JSON file's field, as it has always been
     if args.json:
         out = {
             "checkpoint": described, "data": str(args.data), "split": split,
@@ -128,6 +140,6 @@ def run(args: argparse.Namespace) -> int:
                  for k, r in zip(keys, records)]
         page = write_gallery(Path(args.html), items, title=f"{Path(args.data).name} {split}",
                              totals=scores.totals,
-                             subtitle=f"{described}, beam {args.beam_size}:")
+                             subtitle=f"{pretrained.describe(args.checkpoint)}, beam {args.beam_size}:")
         log.info("gallery: %s", page)
     return 0

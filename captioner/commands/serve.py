@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 
+from captioner import pretrained
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise CaptionerError(f"--allow-origin takes an origin such as https://example.com, got {origin!r}")
     if not 0 <= args.port <= 65535:
         raise CaptionerError(f"--port must be 0..65535, got {args.port}")
+    pretrained.resolve(args.checkpoint)  # a wrong name or a missing file answers before torch loads
 
     import torch
     import uvicorn

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import transforms
 
 from captioner.errors import CaptionerError
+from captioner.vision.encoders.preprocess import SpecTransform
 from captioner.vision.tags import tag_words, word_probabilities
 
 
@@ -215,11 +215,7 @@ def _pool(grid: torch.Tensor, pooling: str) -> torch.Tensor:
     return torch.cat([grid.mean(dim=(2, 3)), grid.amax(dim=(2, 3))], dim=1)
 
 
-def pil_transform(spec: EncoderSpec) -> transforms.Compose:
-    interpolation = transforms.InterpolationMode(spec.interpolation)
-    return transforms.Compose([
-        transforms.Resize(spec.resize, interpolation=interpolation),
-        transforms.CenterCrop(spec.image_size),
-        transforms.ToTensor(),                      # (3, H, W) in [0, 1]
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+def pil_transform(spec: EncoderSpec) -> SpecTransform:
+    """Resize the shorter side to spec.resize, center-crop spec.image_size, to [0, 1], normalise: torchvision's
+    Resize/CenterCrop/ToTensor/Normalize on PIL images, without importing torchvision (see preprocess.py)."""
+    return SpecTransform(spec)
