@@ -8,13 +8,13 @@ step writes the caption.
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
 -> search (greedy, beam, sampling) -> metrics.
 
-Importing the package imports no torch: `Captioner`, `CaptionerError` and `Guards` are loaded on first use, so the
+Importing the package imports no torch: `Captioner`, `CaptionerError`, `Guards` and `Rerank` are loaded on first use, so the
 `captioner` command answers --help at once.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Captioner", "CaptionerError", "Guards", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "Guards", "Rerank", "__version__"]
 
 
 def __getattr__(name: str):
@@ -30,8 +30,12 @@ def __getattr__(name: str):
         from captioner.model.constraints import Guards
 
         return Guards
+    if name == "Rerank":
+        from captioner.model.rerank import Rerank
+
+        return Rerank
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards"])
+    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards", "Rerank"])

@@ -82,6 +82,18 @@ def _decoding(p: argparse.ArgumentParser) -> None:
                         "through once")
     p.add_argument("--end-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
+    _reranking(p)
+
+
+def _reranking(p: argparse.ArgumentParser) -> None:
+    """Consensus reranking with the model's neighbour index; the defaults are captioner.model.rerank.Rerank()
+    (a test keeps the two equal), spelt out so that --help imports no torch."""
+    p.add_argument("--rerank", type=int, default=10, metavar="N",
+                   help="rerank the beam's N best by consensus with the captions of the nearest training images "
+                        "(the beam widens to N; 0: off, the beam's own order); needs the model's neighbour index")
+    p.add_argument("--rerank-weight", type=float, default=2.0, metavar="W",
+                   help="each candidate scores its log-probability per word + W x its consensus (CIDEr-D)")
+    p.add_argument("--rerank-k", type=int, default=15, metavar="K", help="the nearest training images consulted")
 
 
 def _caption(sub) -> None:
@@ -99,6 +111,12 @@ still captioned; the exit status is 1 if any image failed.""")
     p.add_argument("--html", metavar="OUT.html",
                    help="also write a gallery page: each image's thumbnail with its captions (thumbnails go "
                         "in OUT_files/ beside it)")
+    p.add_argument("--neighbours", type=int, default=0, metavar="N",
+                   help="also show the captions of the N nearest training images (at most --rerank-k), the "
+                        "examples the model's caption is closest to")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="T",
+                   help="mark captions whose confidence (0..1) is under T: `?` before the caption, "
+                        "\"low_confidence\": true in --json, and a count on stderr")
 
 
 def _train(sub) -> None:
@@ -228,6 +246,7 @@ The model is loaded once; requests that arrive together are captioned in one bat
                    help="largest upload accepted, in megabytes; larger ones are refused unread")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the model (0: the cores this process may use)")
+    _reranking(p)
 
 
 COMMANDS = {"caption": _caption, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}

@@ -10,7 +10,7 @@ from pathlib import Path
 from captioner import checkpoint
 from captioner.data.holdout import Holdout
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
-from captioner.commands import guards_of
+from captioner.commands import guards_of, rerank_of
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
                                       max_len=args.max_len, length_penalty=args.length_penalty,
-                                      guards=guards_of(args))
+                                      guards=guards_of(args), rerank=rerank_of(args))
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}
@@ -105,16 +105,20 @@ def run(args: argparse.Namespace) -> int:
             "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
             "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
             "repeat_guard": args.repeat_guard,
+            "rerank": {"n_best": args.rerank, "weight": args.rerank_weight, "k": args.rerank_k,
+                       "index": captioner.judged is not None},
             "totals": scores.totals, "fluency": fluency,
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
-                           "scores": scores.per_image.get(k, {})} for k, r in zip(keys, records)],
+                           "scores": scores.per_image.get(k, {}),
+                           **({"confidence": round(h[0].confidence, 4)} if h[0].confidence is not None else {})}
+                          for k, r, h in zip(keys, records, hyps)],
         }
         Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")
     if args.html:
         from captioner.eval.gallery import GalleryItem, write_gallery
 
-        items = [GalleryItem(r.image, captions[k], references[k], scores.per_image.get(k, {}))
-                 for k, r in zip(keys, records)]
+        items = [GalleryItem(r.image, captions[k], references[k], scores.per_image.get(k, {}),
+                             confidence=h[0].confidence) for k, r, h in zip(keys, records, hyps)]
         page = write_gallery(Path(args.html), items, title=f"{Path(args.data).name} {split}",
                              totals=scores.totals,
                              subtitle=f"{described}, beam {args.beam_size}:")

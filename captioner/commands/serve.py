@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 
+from captioner.commands import rerank_of
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     captioner.encoder  # built now, not on the first request
     app = create_app(captioner, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      max_upload_bytes=int(args.max_upload_mb * 1e6), beam_size=args.beam_size,
-                     max_len=args.max_len)
+                     max_len=args.max_len, rerank=rerank_of(args))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"captioner serve: listening on http://{shown}:{port}/ (device {captioner.device}, "

@@ -43,8 +43,8 @@ class Refused(Exception):
 
 
 def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_upload_bytes: int = 20_000_000,
-               beam_size: int = 3, max_len: int = 20, max_pixels: int = MAX_PIXELS) -> Starlette:
-    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms)
+               beam_size: int = 3, max_len: int = 20, max_pixels: int = MAX_PIXELS, rerank=None) -> Starlette:
+    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms, rerank=rerank)
     # Decoding uploads runs on worker threads; no more at once than there are cores, so decoding and
     # the model's torch threads do not pile up on the CPU.
     decoders = anyio.CapacityLimiter(max(1, len(os.sched_getaffinity(0))))
@@ -82,8 +82,9 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
         except Refused as refused:
             return JSONResponse({"error": refused.message}, status_code=refused.status)
         hyps = await batcher.caption(image, beam_size=beam, max_len=max_len, n_best=n_best)
-        best = [{"caption": captioner.text(h), "score": round(float(h.score), 4)} for h in hyps]
-        return JSONResponse({"caption": best[0]["caption"], "n_best": best})
+        best = [captioner.as_dict(h) for h in hyps]
+        confidence = {"confidence": best[0]["confidence"]} if "confidence" in best[0] else {}
+        return JSONResponse({"caption": best[0]["caption"], **confidence, "n_best": best})
 
     async def http_error(request: Request, exc: HTTPException):
         return JSONResponse({"error": exc.detail or "error"}, status_code=exc.status_code)

@@ -65,6 +65,9 @@ async function captionOne(file) {
     if (!answer.ok) throw new Error(body.error || answer.statusText);
     status.className = 'caption';
     status.textContent = body.caption;
+    if (body.n_best[0].confidence != null) {
+      status.append(' ', el('span', 'score', 'confidence ' + body.n_best[0].confidence.toFixed(2)));
+    }
     if (body.n_best.length > 1) {
       const list = el('ol', 'nbest');
       for (const h of body.n_best) {

@@ -26,6 +26,7 @@ from captioner.device import resolve_device
 from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import announce, resolve as resolve_precision
+from captioner.train.neighbours import write_run_index
 from captioner.train.init_from import load_init, report_unknown_words
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
@@ -103,6 +104,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         holdout.write(run_dir, data.holdout)
         log.info("%s has no val split: %s; listed in %s", cfg.data.root, data.holdout.describe(),
                  run_dir / holdout.FILE_NAME)
+    if dist.is_main:
+        write_run_index(run_dir, data)
     vocab, source = data.vocab, data.features
     train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
