@@ -206,3 +206,15 @@ def test_api_n_best_dicts_carry_confidence_when_the_index_is_calibrated(trained,
     plain = Captioner.from_pretrained(run / "best.pt", device="cpu", precision="fp32")
     assert "confidence" not in plain(data / "Images" / "blue_0.jpg", n_best=1)[0]
     assert isinstance(Judged(index).calibration, Calibration)
+
+
+def test_the_shipped_index_fits_the_shipped_models_and_the_package_stays_under_50_mb():
+    shipped = checkpoint.default_checkpoints()
+    where = find_index(shipped)
+    assert where is not None and where.name == "neighbours.knn"
+    index = NeighbourIndex.load(where)
+    loaded = checkpoint.load_model(shipped[0])
+    index.check_encoder(loaded.encoder, loaded.model.feature_dim, shipped[0], where)
+    assert len(index) == 6000 and index.calibration is not None  # Flickr8k train, with its confidence
+    assert Calibration.from_dict(index.calibration) is not None
+    assert sum(p.stat().st_size for p in where.parent.iterdir() if p.is_file()) < 50e6

@@ -32,6 +32,7 @@ import torch
 
 from captioner.atomic import atomic_write
 from captioner.errors import CaptionerError
+from captioner.model.ngrams import check_base, document_frequencies
 from captioner.vision.encoders import spec_with_defaults
 
 SUFFIX = ".knn"
@@ -52,7 +53,12 @@ class NeighbourIndex:
     image_starts: torch.Tensor  # (N + 1,) int64: image i's captions are caption_starts[image_starts[i]:...]
     names: list[str]  # each image's file name, for showing it
     calibration: dict[str, Any] | None = None  # the confidence's coefficients (captioner.model.confidence)
+    # The captions' n-gram document frequencies (captioner.model.ngrams, base len(words) + 2): sorted keys
+    # (uint64 stored as int64) and counts, for the n-grams of at least two images.
+    df_keys: torch.Tensor | None = None
+    df_counts: torch.Tensor | None = None
     _ids: dict[str, int] | None = field(default=None, repr=False)
+    _float: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -82,11 +88,31 @@ class NeighbourIndex:
                 flat.extend(vocab.setdefault(w, len(vocab)) for w in words)
                 caption_starts.append(len(flat))
             image_starts.append(len(caption_starts) - 1)
-        return cls(encoder=spec_with_defaults(dict(encoder)), feature_dim=int(vectors.shape[1]),
-                   vectors=x.half(), projection=None if projection is None else projection.half(),
-                   words=list(vocab), tokens=torch.tensor(flat, dtype=torch.int32),
-                   caption_starts=torch.tensor(caption_starts, dtype=torch.int64),
-                   image_starts=torch.tensor(image_starts, dtype=torch.int64), names=list(names))
+        index = cls(encoder=spec_with_defaults(dict(encoder)), feature_dim=int(vectors.shape[1]),
+                    vectors=x.half(), projection=None if projection is None else projection.half(),
+                    words=list(vocab), tokens=torch.tensor(flat, dtype=torch.int32),
+                    caption_starts=torch.tensor(caption_starts, dtype=torch.int64),
+                    image_starts=torch.tensor(image_starts, dtype=torch.int64), names=list(names))
+        index.document_frequencies()
+        return index
+
+    @property
+    def base(self) -> int:
+        """The n-gram keys' base: word ids + 1, and len(words) + 1 for a word the captions never use."""
+        return len(self.words) + 2
+
+    def document_frequencies(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted uint64 keys, counts) of the n-grams of at least two images' captions (computed once)."""
+        if self.df_keys is None:
+            try:
+                check_base(self.base)
+            except ValueError as err:
+                raise CaptionerError(f"a neighbour index: {err}") from None
+            keys, counts = document_frequencies(self.tokens.numpy(), self.caption_starts.numpy(),
+                                                self.image_starts.numpy(), self.base)
+            self.df_keys = torch.from_numpy(keys.view(np.int64).copy())
+            self.df_counts = torch.from_numpy(counts.astype(np.int32))
+        return self.df_keys.numpy().view(np.uint64), self.df_counts.numpy()
 
     # ---- using ------------------------------------------------------------------------------------------
     def search(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,10 +120,13 @@ class NeighbourIndex:
         if features.shape[-1] != self.feature_dim:
             raise CaptionerError(f"features have {features.shape[-1]} dimensions; the neighbour index was made "
                                  f"with {self.feature_dim}")
+        if self._float is None:  # float32 copies for the matrix products, made once
+            self._float = (self.vectors.float(), None if self.projection is None else self.projection.float())
+        vectors, projection = self._float
         q = torch.nn.functional.normalize(features.detach().float().cpu(), dim=1)
-        if self.projection is not None:
-            q = torch.nn.functional.normalize(q @ self.projection.float(), dim=1)
-        sims = q @ self.vectors.float().T  # (B, N)
+        if projection is not None:
+            q = torch.nn.functional.normalize(q @ projection, dim=1)
+        sims = q @ vectors.T  # (B, N)
         return sims.topk(min(k, len(self)), dim=1)
 
     def caption_range(self, image: int) -> range:
@@ -132,7 +161,8 @@ class NeighbourIndex:
         return {"format": FORMAT, "encoder": self.encoder, "feature_dim": self.feature_dim,
                 "vectors": self.vectors, "projection": self.projection, "words": self.words,
                 "tokens": self.tokens, "caption_starts": self.caption_starts, "image_starts": self.image_starts,
-                "names": self.names, "calibration": self.calibration}
+                "names": self.names, "calibration": self.calibration, "df_keys": self.df_keys,
+                "df_counts": self.df_counts}
 
     def save(self, path: str | Path) -> Path:
         atomic_write(path, lambda f: torch.save(self.to_dict(), f))
@@ -160,7 +190,8 @@ class NeighbourIndex:
         if raw.get("format", 0) > FORMAT:
             raise CaptionerError(f"{path}: neighbour index format {raw['format']} is newer than this captioner "
                                  f"understands ({FORMAT}); upgrade captioner")
-        index = cls(**{k: raw[k] for k in keys}, calibration=raw.get("calibration"))
+        index = cls(**{k: raw[k] for k in keys}, calibration=raw.get("calibration"), df_keys=raw.get("df_keys"),
+                    df_counts=raw.get("df_counts"))
         n = index.vectors.shape[0]
         if (index.image_starts.shape[0] != n + 1 or len(index.names) != n
                 or int(index.caption_starts[-1]) != index.tokens.shape[0]
