@@ -166,7 +166,7 @@ def grid(args) -> None:
                 print(f"{name:<13} {'beam 3 (no reranking)':<26} CIDEr {t['CIDEr']:.1f}  BLEU-4 {t['BLEU-4']:.1f}  "
                       f"ROUGE-L {t['ROUGE-L']:.1f}", flush=True)
             for label, picks in [(f"beam {saved['beam']} top-1", [0] * len(off.sets[name]))] + [
-                    (f"n {n} k {k} weight {w}", off.choose(name, w, k, n)) for _, n, k, w in rows[:3]]:
+                    (f"n {n} k {k} weight {w}", off.choose(name, w, k, n)) for _, n, k, w in rows[:args.confirm]]:
                 chosen = captions(off, name, picks)
                 t = scorer.score(refs, chosen).totals
                 print(f"{name:<13} {label:<26} {format_fluency(fluency_counts(chosen.values()))}")
@@ -237,6 +237,7 @@ def main() -> None:
     g.add_argument("--weight", type=float, nargs="+", default=[0.5, 1, 2, 3, 4, 6])
     g.add_argument("--k", type=int, nargs="+", default=[5, 10, 15, 30, 60])
     g.add_argument("--n", type=int, nargs="+", default=[5, 10])
+    g.add_argument("--confirm", type=int, default=3, help="the best settings also scored as `captioner evaluate` does")
     c = sub.add_parser("confidence")
     c.add_argument("nbest", nargs="+")
     c.add_argument("--weight", type=float, default=Rerank().weight)

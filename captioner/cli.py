@@ -88,12 +88,14 @@ def _decoding(p: argparse.ArgumentParser) -> None:
 def _reranking(p: argparse.ArgumentParser) -> None:
     """Consensus reranking with the model's neighbour index; the defaults are captioner.model.rerank.Rerank()
     (a test keeps the two equal), spelt out so that --help imports no torch."""
-    p.add_argument("--rerank", type=int, default=10, metavar="N",
+    p.add_argument("--rerank", type=int, default=8, metavar="N",
                    help="rerank the beam's N best by consensus with the captions of the nearest training images "
-                        "(the beam widens to N; 0: off, the beam's own order); needs the model's neighbour index")
-    p.add_argument("--rerank-weight", type=float, default=2.0, metavar="W",
+                        "(0: off, the beam's own order); needs the model's neighbour index")
+    p.add_argument("--rerank-beam", type=int, default=10, metavar="B",
+                   help="the beam width the reranked candidates come from (the beam widens to it)")
+    p.add_argument("--rerank-weight", type=float, default=1.5, metavar="W",
                    help="each candidate scores its log-probability per word + W x its consensus (CIDEr-D)")
-    p.add_argument("--rerank-k", type=int, default=15, metavar="K", help="the nearest training images consulted")
+    p.add_argument("--rerank-k", type=int, default=10, metavar="K", help="the nearest training images consulted")
 
 
 def _caption(sub) -> None:

@@ -149,7 +149,7 @@ class Captioner:
         guards: the decode-time fluency constraints (captioner.model.constraints.Guards); the default, no
         bigram twice, no word twice in a row and no dangling ending, measured best on the shipped model.
         `Guards.off()` is plain beam search.
-        rerank: with a neighbour index, the beam is widened to rerank.n_best candidates, which are reranked
+        rerank: with a neighbour index, the beam is widened to rerank.beam and its rerank.n_best best are reranked
         by consensus with the nearest training images (captioner.model.rerank; `Rerank.off()`: the beam's
         order); every hypothesis then carries its consensus, confidence and the photo's neighbours.
         """
@@ -166,7 +166,7 @@ class Captioner:
         rerank.check()
         beam, candidates = beam_size, n_best
         if self.judged is not None and rerank.n_best:
-            beam = max(beam_size, rerank.n_best)
+            beam = max(beam_size, rerank.beam, rerank.n_best)
             candidates = max(n_best, rerank.n_best)
         out: list[list[Hypothesis]] = []
         for i in range(0, len(features), batch_size):

@@ -107,12 +107,12 @@ def test_reranking_puts_the_candidate_the_neighbours_agree_with_first():
 
 
 def test_rerank_options_are_checked_and_the_cli_defaults_are_rerank_defaults():
-    for bad in (Rerank(n_best=-1), Rerank(k=0), Rerank(weight=-1.0), Rerank(weight=float("nan"))):
+    for bad in (Rerank(n_best=-1), Rerank(k=0), Rerank(weight=-1.0), Rerank(weight=float("nan")), Rerank(beam=0)):
         with pytest.raises(CaptionerError):
             bad.check()
     for command in (["caption", "x.jpg"], ["evaluate", "--data", "d"], ["serve"]):
         args = build_parser().parse_args(command)
-        assert Rerank(args.rerank, args.rerank_weight, args.rerank_k) == Rerank()
+        assert Rerank(args.rerank, args.rerank_weight, args.rerank_k, args.rerank_beam) == Rerank()
 
 
 def test_calibration_fits_ranks_and_round_trips():

@@ -16,4 +16,4 @@ def rerank_of(args: argparse.Namespace):
     """The consensus reranking that cli's --rerank, --rerank-weight and --rerank-k describe."""
     from captioner.model.rerank import Rerank
 
-    return Rerank(n_best=args.rerank, weight=args.rerank_weight, k=args.rerank_k).check()
+    return Rerank(n_best=args.rerank, weight=args.rerank_weight, k=args.rerank_k, beam=args.rerank_beam).check()

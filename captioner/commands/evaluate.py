@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
             "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
             "repeat_guard": args.repeat_guard,
-            "rerank": {"n_best": args.rerank, "weight": args.rerank_weight, "k": args.rerank_k,
+            "rerank": {"n_best": args.rerank, "beam": args.rerank_beam, "weight": args.rerank_weight, "k": args.rerank_k,
                        "index": captioner.judged is not None},
             "totals": scores.totals, "fluency": fluency,
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],

@@ -1,6 +1,6 @@
 """Consensus reranking of a beam's n-best, and each caption's confidence, from a NeighbourIndex.
 
-    rerank = Rerank(n_best=10, weight=2.0, k=15)       # the defaults; Rerank.off(): the beam's own order
+    rerank = Rerank(n_best=8, weight=1.5, k=10, beam=10)  # the defaults; Rerank.off(): the beam's own order
     hyps = judge(index, consensus, features, hyps, words_of, rerank)
 
 For each photo, its k nearest training images (cosine similarity of `v`) are found, and each candidate
@@ -26,12 +26,14 @@ from captioner.model.search import Hypothesis
 
 @dataclass(frozen=True)
 class Rerank:
-    """n_best: the beam's candidates that are reranked (the beam is widened to it; 0: no reranking);
-    weight: lambda in lp + lambda * consensus; k: the nearest training images consulted."""
+    """n_best: the beam's best candidates that are reranked (0: no reranking); beam: the beam width they
+    come from (the search's beam is widened to it, and to n_best); weight: lambda in lp + lambda * consensus;
+    k: the nearest training images consulted. The defaults are the best on Flickr8k dev (docs/results.md)."""
 
-    n_best: int = 10
-    weight: float = 2.0
-    k: int = 15
+    n_best: int = 8
+    weight: float = 1.5
+    k: int = 10
+    beam: int = 10
 
     @classmethod
     def off(cls) -> Rerank:
@@ -42,6 +44,8 @@ class Rerank:
             raise CaptionerError(f"the reranked n-best must be 0 (off) or a positive integer, got {self.n_best!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise CaptionerError(f"the neighbours consulted (k) must be a positive integer, got {self.k!r}")
+        if isinstance(self.beam, bool) or not isinstance(self.beam, int) or self.beam < 1:
+            raise CaptionerError(f"the reranking beam must be a positive integer, got {self.beam!r}")
         if not self.weight >= 0:
             raise CaptionerError(f"the consensus weight must be 0 or positive, got {self.weight!r}")
         return self
