@@ -218,3 +218,18 @@ def test_the_shipped_index_fits_the_shipped_models_and_the_package_stays_under_5
     assert len(index) == 6000 and index.calibration is not None  # Flickr8k train, with its confidence
     assert Calibration.from_dict(index.calibration) is not None
     assert sum(p.stat().st_size for p in where.parent.iterdir() if p.is_file()) < 50e6
+
+
+def test_the_gallery_shows_confidence_and_the_nearest_training_captions(tmp_path):
+    from PIL import Image
+
+    from captioner.eval.gallery import GalleryItem, write_gallery
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(photo)
+    page = write_gallery(tmp_path / "g.html", [GalleryItem(photo, "a red square", confidence=0.42,
+                                                           neighbours=[("red_1.jpg", ["a plain red square"])])])
+    text = page.read_text()
+    assert "confidence <b>0.42</b>" in text and 'data-confidence="0.4200"' in text
+    assert "1 nearest training images" in text and "a plain red square" in text and "red_1.jpg" in text
+    assert 'value="confidence:asc"' in text
