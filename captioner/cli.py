@@ -226,7 +226,8 @@ def _serve(sub) -> None:
 
     GET  /          a page to drop or pick photos and see their captions
     POST /caption   multipart field `image` (optional fields beam_size, n_best)
-                    -> {"caption": ..., "n_best": [{"caption": ..., "score": ...}, ...]}
+                    -> {"caption": ..., "confidence": ..., "n_best": [{"caption": ..., "score": ...,
+                        "consensus": ..., "confidence": ...}, ...]} (confidence: with a neighbour index)
     GET  /health    {"status": "ok", ...}
 
 The model is loaded once; requests that arrive together are captioned in one batch (up to
