@@ -99,6 +99,9 @@ def test_reranking_puts_the_candidate_the_neighbours_agree_with_first():
     ranked = judge(index, Consensus(index), None, photo, [beam], words_of, Rerank(n_best=2, weight=2.0, k=1))[0]
     assert words_of(ranked[0]) == ["a", "dog", "runs", "on", "the", "grass"]
     assert ranked[0].consensus > ranked[1].consensus and ranked[0].neighbours[0][0] == 0
+    assert ranked[0].score == pytest.approx(-3.5 / 7 + 2.0 * ranked[0].consensus)
+    assert ranked[0].score > ranked[1].score
+    assert ranked[0].log_prob == -3.5  # the decoder's, unchanged
     kept = judge(index, Consensus(index), None, photo, [beam], words_of, Rerank(n_best=0, k=1))[0]
     assert [h.tokens for h in kept] == [h.tokens for h in beam]  # off: the beam's order, still judged
     assert kept[1].consensus == ranked[0].consensus

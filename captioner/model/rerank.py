@@ -6,7 +6,8 @@
 For each photo, its k nearest training images (cosine similarity of `v`) are found, and each candidate
 of the beam's n-best is scored `lp + weight * consensus`, where lp is its log-probability per word (words
 + 1 terms, <end> included) and consensus its CIDEr-D against those images' captions
-(captioner.model.consensus); the candidates are returned best first by that score. Every candidate gets
+(captioner.model.consensus); the candidates are returned best first by that score, which becomes their
+`score` (their `log_prob` stays the decoder's). Every candidate gets
 its consensus, its confidence (when the index carries a calibration) and the photo's neighbours.
 """
 
@@ -73,8 +74,9 @@ def judge(index: NeighbourIndex, consensus: Consensus, calibration: Calibration 
             if calibration is not None:
                 conf = float(calibration(features_of(nearest, mean, knn, log_prob_per_word(h))))
             judged.append(replace(h, consensus=knn, confidence=conf, neighbours=tuple(zip(near, close))))
-        if rerank.n_best:
-            judged.sort(key=lambda h: -(log_prob_per_word(h) + rerank.weight * h.consensus))
+        if rerank.n_best:  # ranked, and scored, by lp + weight * consensus
+            judged = [replace(h, score=log_prob_per_word(h) + rerank.weight * h.consensus) for h in judged]
+            judged.sort(key=lambda h: -h.score)
         out.append(judged)
     return out
 
