@@ -238,8 +238,9 @@ class Captioner:
 
         An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
         gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
-        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
-        beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
+        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: what
+        ranked them: with reranking lp per word + weight x consensus, else the beam's ranking score, the
+        summed log-probability when length_penalty is 0). beam_size defaults to
         3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
         measured best; `captioner.Guards.off()` for plain beam search). rerank: consensus reranking with the
         model's neighbour index (`captioner.Rerank.off()`: the beam's order); with an index each n-best
