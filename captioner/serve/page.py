@@ -65,8 +65,8 @@ async function captionOne(file) {
     if (!answer.ok) throw new Error(body.error || answer.statusText);
     status.className = 'caption';
     status.textContent = body.caption;
-    if (body.n_best[0].confidence != null) {
-      status.append(' ', el('span', 'score', 'confidence ' + body.n_best[0].confidence.toFixed(2)));
+    if (body.confidence != null) {
+      text.insertBefore(el('p', 'score confidence', 'confidence ' + body.confidence.toFixed(2)), text.lastChild);
     }
     if (body.n_best.length > 1) {
       const list = el('ol', 'nbest');
