@@ -9,14 +9,14 @@ step writes the caption.
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
 -> search (greedy, beam, sampling) -> metrics.
 
-Importing the package imports no torch: `Captioner`, `CaptionerError`, `Guards` and the shipped models' list are
-loaded on first use, so the
+Importing the package imports no torch: `Captioner`, `CaptionerError`, `Guards`, `Rerank` and the shipped
+models' list are loaded on first use, so the
 `captioner` command answers --help at once.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Captioner", "CaptionerError", "Guards", "get_pretrained", "list_pretrained", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "Guards", "Rerank", "get_pretrained", "list_pretrained", "__version__"]
 
 
 def __getattr__(name: str):
@@ -36,8 +36,13 @@ def __getattr__(name: str):
         from captioner import pretrained
 
         return getattr(pretrained, name)
+    if name == "Rerank":
+        from captioner.model.rerank import Rerank
+
+        return Rerank
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards", "get_pretrained", "list_pretrained"])
+    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards", "Rerank", "get_pretrained",
+                                     "list_pretrained"])

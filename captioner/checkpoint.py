@@ -32,6 +32,7 @@ from captioner.config import Config, ModelConfig, model_config_from_dict, valida
 from captioner.data.vocab import Vocabulary
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.ensemble import Ensemble
+from captioner.model.neighbours import SUFFIX as INDEX_SUFFIX, index_path
 from captioner.vision.encoders import EncoderSpec, spec_with_defaults
 from captioner.errors import CaptionerError
 
@@ -428,7 +429,20 @@ def export(src: str | Path, dst: str | Path) -> Path:
     if ckpt.get("holdout") is not None:  # the training images it was selected on (captioner.data.holdout)
         payload["holdout"] = ckpt["holdout"]
     save(dst, payload)
+    carry_index(src, dst)
     return Path(dst)
+
+
+def carry_index(src: str | Path, dst: str | Path) -> Path | None:
+    """Copy the neighbour index that goes with `src` (captioner.model.neighbours) beside `dst` as DST.knn."""
+    found = index_path(src)
+    if found is None:
+        return None
+    out = Path(dst).with_suffix(INDEX_SUFFIX)
+    if found.resolve() != out.resolve():
+        data = found.read_bytes()
+        atomic_write(out, lambda f: f.write(data))
+    return out
 
 
 # Which files a checkpoint argument names (a shipped model's name, a file, an ensemble run's folder) is

@@ -83,6 +83,20 @@ def _decoding(p: argparse.ArgumentParser) -> None:
                         "through once")
     p.add_argument("--end-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
+    _reranking(p)
+
+
+def _reranking(p: argparse.ArgumentParser) -> None:
+    """Consensus reranking with the model's neighbour index; the defaults are captioner.model.rerank.Rerank()
+    (a test keeps the two equal), spelt out so that --help imports no torch."""
+    p.add_argument("--rerank", type=int, default=8, metavar="N",
+                   help="rerank the beam's N best by consensus with the captions of the nearest training images "
+                        "(0: off, the beam's own order); needs the model's neighbour index")
+    p.add_argument("--rerank-beam", type=int, default=10, metavar="B",
+                   help="the beam width the reranked candidates come from (the beam widens to it)")
+    p.add_argument("--rerank-weight", type=float, default=1.5, metavar="W",
+                   help="each candidate scores its log-probability per word + W x its consensus (CIDEr-D)")
+    p.add_argument("--rerank-k", type=int, default=10, metavar="K", help="the nearest training images consulted")
 
 
 def _caption(sub) -> None:
@@ -104,6 +118,13 @@ still captioned; the exit status is 1 if any image failed.""")
                    help="also write the captions to FILE, one row per image: JSON lines (.jsonl) or CSV (.csv) "
                         "by its suffix; written whole or not at all")
     p.add_argument("--batch-size", type=int, default=16, help="images through the CNN and the search at once")
+
+    p.add_argument("--neighbours", type=int, default=0, metavar="N",
+                   help="also show the captions of the N nearest training images (at most --rerank-k), the "
+                        "examples the model's caption is closest to")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="T",
+                   help="mark captions whose confidence (0..1) is under T: `?` before the caption, "
+                        "\"low_confidence\": true in --json, and a count on stderr")
 
 
 def _models(sub) -> None:
@@ -223,7 +244,8 @@ def _serve(sub) -> None:
     GET  /          a page to drop or pick photos and see their captions
     POST /caption   multipart field `image`, or `url` (an http(s) address the server downloads);
                     optional fields beam_size, n_best
-                    -> {"caption": ..., "n_best": [{"caption": ..., "score": ...}, ...]}
+                    -> {"caption": ..., "confidence": ..., "n_best": [{"caption": ..., "score": ...,
+                        "consensus": ..., "confidence": ...}, ...]} (confidence: with a neighbour index)
     GET  /health    {"status": "ok", ...}
 
 The model is loaded once; requests that arrive together are captioned in one batch (up to
@@ -258,6 +280,7 @@ served: --allow-host and --allow-origin add others.""")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a host name the server may be reached by besides 127.0.0.1, localhost and --host "
                         "(needed with --host 0.0.0.0: the machine's name or address); repeatable")
+    _reranking(p)
 
 
 COMMANDS = {"caption": _caption, "models": _models, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}

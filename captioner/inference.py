@@ -25,6 +25,8 @@ from captioner.precision import Precision, resolve
 from captioner.checkpoint import default_checkpoint, default_checkpoints  # noqa: F401 (re-exported)
 from captioner.eval import fluency
 from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepeatWord
+from captioner.model.neighbours import NeighbourIndex, find_index
+from captioner.model.rerank import Judged, Rerank
 
 log = logging.getLogger("captioner")
 
@@ -38,7 +40,7 @@ class Captioned:
 
 class Captioner:
     def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device | None = None,
-                 precision: Precision | None = None):
+                 precision: Precision | None = None, index: NeighbourIndex | None = None):
         self.model = loaded.model
         self.vocab = loaded.vocab
         self.loaded = loaded  # keeps the stored encoder spec and any fine-tuned encoder weights
@@ -48,6 +50,9 @@ class Captioner:
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
         self.searchable = captioning_policy(self.model, self.vocab)
+        # The training images as a neighbour index (captioner.model.neighbours): consensus reranking, the
+        # confidence and the nearest examples. None: the beam's order, and no confidence.
+        self.judged = Judged(index) if index is not None else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: torch.device | None = None,
@@ -63,8 +68,21 @@ class Captioner:
         default, the ensemble of `checkpoint.DEFAULT_MODELS`."""
         files = checkpoint.pretrained_paths(paths)
         if len(files) == 1:
-            return cls(checkpoint.load_model(files[0]), device, precision)
-        return cls(checkpoint.ensemble_of([checkpoint.load_model(p) for p in files], files), device, precision)
+            loaded = checkpoint.load_model(files[0])
+        else:
+            loaded = checkpoint.ensemble_of([checkpoint.load_model(p) for p in files], files)
+        return cls(loaded, device, precision, index=cls._index_for(loaded, files))
+
+    @staticmethod
+    def _index_for(loaded: checkpoint.LoadedModel, files: Sequence[Path]) -> NeighbourIndex | None:
+        """The neighbour index beside the checkpoints (MODEL.knn or the folder's neighbours.knn), if any;
+        one made with other image features than the model's is refused."""
+        where = find_index(files)
+        if where is None:
+            return None
+        index = NeighbourIndex.load(where)
+        index.check_encoder(loaded.encoder, loaded.model.feature_dim, files[0], where)
+        return index
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | Sequence[str | Path] | None = None,
@@ -125,13 +143,16 @@ class Captioner:
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                          n_best: int = 1, batch_size: int = 100, length_penalty: float = 0.0,
-                         guards: Guards = Guards()) -> list[list[Hypothesis]]:
+                         guards: Guards = Guards(), rerank: Rerank = Rerank()) -> list[list[Hypothesis]]:
         """features (N, F) image vectors -> the n-best hypotheses for each image.
 
         length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
         guards: the decode-time fluency constraints (captioner.model.constraints.Guards); the default, no
         bigram twice, no word twice in a row and no dangling ending, measured best on the shipped model.
         `Guards.off()` is plain beam search.
+        rerank: with a neighbour index, the beam is widened to rerank.beam and its rerank.n_best best are reranked
+        by consensus with the nearest training images (captioner.model.rerank; `Rerank.off()`: the beam's
+        order); every hypothesis then carries its consensus, confidence and the photo's neighbours.
         """
         searchable = self.constrained(guards)
         if length_penalty < 0:
@@ -143,21 +164,39 @@ class Captioner:
         if features.shape[-1] != self.model.feature_dim:
             raise CaptionerError(f"features have {features.shape[-1]} dimensions; the model expects "
                                  f"{self.model.feature_dim}")
+        rerank.check()
+        beam, candidates = beam_size, n_best
+        if self.judged is not None and rerank.n_best:
+            beam = max(beam_size, rerank.beam, rerank.n_best)
+            candidates = max(n_best, rerank.n_best)
         out: list[list[Hypothesis]] = []
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size].to(self.device, torch.float32)
             with self.precision.autocast():
-                out.extend(beam_search(searchable, chunk, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                       length_penalty=length_penalty, start_id=self.vocab.start_id,
-                                       end_id=self.vocab.end_id))
+                found = beam_search(searchable, chunk, beam_size=beam, max_len=max_len, n_best=candidates,
+                                    length_penalty=length_penalty, start_id=self.vocab.start_id,
+                                    end_id=self.vocab.end_id)
+            if self.judged is not None:
+                found = self.judged(chunk, found, lambda h: self.vocab.decode(h.tokens).split(), rerank)
+            out.extend(h[:n_best] for h in found)
         return out
 
     def text(self, hypothesis: Hypothesis) -> str:
         return self.vocab.decode(hypothesis.tokens)
 
+    def as_dict(self, hypothesis: Hypothesis) -> dict:
+        """{"caption", "score"}, and "consensus" and "confidence" when a neighbour index judged it."""
+        out = {"caption": self.text(hypothesis), "score": round(float(hypothesis.score), 4)}
+        if hypothesis.consensus is not None:
+            out["consensus"] = round(hypothesis.consensus, 4)
+        if hypothesis.confidence is not None:
+            out["confidence"] = round(hypothesis.confidence, 4)
+        return out
+
     @torch.no_grad()
     def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                       batch_size: int = 16, length_penalty: float = 0.0, guards: Guards = Guards()):
+                       batch_size: int = 16, length_penalty: float = 0.0, guards: Guards = Guards(),
+                       rerank: Rerank = Rerank()):
         """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
         in the order given; one bad file never stops the others."""
         for i in range(0, len(paths), batch_size):
@@ -171,7 +210,8 @@ class Captioner:
                     results[path] = err
             if images:
                 hyps = self.caption_pil(images, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                        length_penalty=length_penalty, batch_size=len(images), guards=guards)
+                                        length_penalty=length_penalty, batch_size=len(images), guards=guards,
+                                        rerank=rerank)
                 for path, h in zip(ok, hyps):
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:
@@ -181,7 +221,7 @@ class Captioner:
     @torch.no_grad()
     def caption_pil(self, images: Sequence, beam_size: int = 3, max_len: int = 20, n_best: int = 1,
                     length_penalty: float = 0.0, batch_size: int = 16,
-                    guards: Guards = Guards()) -> list[list[Hypothesis]]:
+                    guards: Guards = Guards(), rerank: Rerank = Rerank()) -> list[list[Hypothesis]]:
         """RGB PIL images (already decoded: see captioner.vision.images) -> the n-best for each, batched."""
         out: list[list[Hypothesis]] = []
         for i in range(0, len(images), batch_size):
@@ -189,20 +229,24 @@ class Captioner:
             with self.precision.autocast():
                 feats = self.encoder(x.to(self.device)).float()
             out.extend(self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                             length_penalty=length_penalty, guards=guards))
+                                             length_penalty=length_penalty, guards=guards, rerank=rerank))
         return out
 
     def __call__(self, images, n_best: int | None = None, beam_size: int | None = None, max_len: int = 20,
-                 length_penalty: float = 0.0, batch_size: int = 16, guards: Guards = Guards()):
+                 length_penalty: float = 0.0, batch_size: int = 16, guards: Guards = Guards(),
+                 rerank: Rerank = Rerank()):
         """Caption one image or a list of them.
 
         An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
         gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
-        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: the
-        beam's ranking score, the summed log-probability when length_penalty is 0). beam_size defaults to
+        each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: what
+        ranked them: with reranking lp per word + weight x consensus, else the beam's ranking score, the
+        summed log-probability when length_penalty is 0). beam_size defaults to
         3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
-        measured best; `captioner.Guards.off()` for plain beam search). A bad input raises CaptionerError
-        naming it. A path that starts with http:// or https:// is downloaded (captioner.vision.download).
+        measured best; `captioner.Guards.off()` for plain beam search). rerank: consensus reranking with the
+        model's neighbour index (`captioner.Rerank.off()`: the beam's order); with an index each n-best
+        dict also has "consensus" and "confidence" (0..1). A bad input raises CaptionerError naming it.
+        A path that starts with http:// or https:// is downloaded (captioner.vision.download).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -220,9 +264,9 @@ class Captioner:
             decoded.append(as_image(item, name, min_side=self.encoder.spec.resize))
         hyps = self.caption_pil(decoded, beam_size=beam_size, max_len=max_len, n_best=n_best or 1,
                                 length_penalty=length_penalty, batch_size=batch_size,
-                                guards=guards) if decoded else []
+                                guards=guards, rerank=rerank) if decoded else []
         if n_best is None:
             results = [self.text(h[0]) for h in hyps]
         else:
-            results = [[{"caption": self.text(x), "score": float(x.score)} for x in h] for h in hyps]
+            results = [[{**self.as_dict(x), "score": float(x.score)} for x in h] for h in hyps]
         return results[0] if single else results

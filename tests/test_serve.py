@@ -172,6 +172,8 @@ def test_n_best_and_beam_size_fields(server):
     scores = [h["score"] for h in body["n_best"]]
     assert scores == sorted(scores, reverse=True)
     assert body["caption"] == body["n_best"][0]["caption"]
+    # the shipped model's neighbour index: a confidence for the caption and each of the n-best
+    assert 0 <= body["confidence"] <= 1 and body["confidence"] == body["n_best"][0]["confidence"]
 
 
 def bomb_png() -> bytes:
@@ -306,9 +308,11 @@ def test_the_page_captions_a_photo_picked_in_its_own_form(server, tmp_path):
             const card = document.querySelector('#results .result');
             return {{caption: ({VISIBLE_JS})(card.querySelector('.caption')),
                      photo: ({VISIBLE_JS})(card.querySelector('img')),
-                     nbest: Array.from(card.querySelectorAll('.nbest li')).map(li => li.firstChild.textContent.trim())}};
+                     nbest: Array.from(card.querySelectorAll('.nbest li')).map(li => li.firstChild.textContent.trim()),
+                     confidence: card.querySelector('.confidence').textContent}};
         }})()""")
         browser.screenshot(tmp_path / "serve-page.png")
     assert caption == expected["caption"]
     assert shown["caption"] and shown["photo"]
     assert shown["nbest"] == [h["caption"] for h in expected["n_best"]]
+    assert shown["confidence"] == f"confidence {expected['confidence']:.2f}"

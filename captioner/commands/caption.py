@@ -19,7 +19,8 @@ from pathlib import Path
 
 from captioner import pretrained
 from captioner.atomic import atomic_write
-from captioner.commands import guards_of
+from captioner.commands import guards_of, rerank_of
+from captioner.commands.explain import Explainer
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
 from captioner.vision.images import IMAGE_SUFFIXES, find_images
@@ -55,15 +56,17 @@ def run(args: argparse.Namespace) -> int:
     from captioner.inference import Captioner
     from captioner.precision import announce, resolve
 
+    rerank = rerank_of(args)
     device = resolve_device(args.device)
     precision = resolve(args.precision, device.type)
     captioner = Captioner.from_checkpoints(files, device, precision=precision)
     announce(precision, verbose_only=True)  # once the model has loaded: a refused checkpoint stays one line
+    explain = Explainer(captioner, args.neighbours, args.min_confidence, rerank)
     results, gallery, rows = [], [], []
     out = sys.stdout
     captioned = captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
                                          n_best=args.n_best, length_penalty=args.length_penalty,
-                                         guards=guards_of(args), batch_size=args.batch_size)
+                                         guards=guards_of(args), batch_size=args.batch_size, rerank=rerank)
     with progress(len(paths)) as bar:
         def emit(line: str, file=out) -> None:
             bar.write(line, file=file)  # above the bar, where there is one
@@ -77,17 +80,21 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if args.html:
                 gallery.append((path, result))
-            n_best = [{"caption": captioner.text(h), "score": round(h.score, 4), "log_prob": round(h.log_prob, 4)}
-                      for h in result.hypotheses]
+            n_best = [{**captioner.as_dict(h), "log_prob": round(h.log_prob, 4)} for h in result.hypotheses]
+            best = result.hypotheses[0]
             if args.output:
                 rows.append({"path": str(path), "caption": result.caption, "n_best": n_best})
             if args.json:
-                results.append({"path": str(path), "caption": result.caption, "n_best": n_best})
-            elif args.n_best > 1:
+                results.append({"path": str(path), "caption": result.caption, **explain.fields(best),
+                                "n_best": n_best})
+                continue
+            if args.n_best > 1:
                 for h in result.hypotheses:
-                    emit(f"{path}\t{h.score:.4f}\t{captioner.text(h)}")
+                    emit(f"{path}\t{h.score:.4f}\t{explain.mark(h)}{captioner.text(h)}")
             else:
-                emit(f"{path}\t{result.caption}")
+                emit(f"{path}\t{explain.mark(best)}{result.caption}")
+            for line in explain.lines(best):
+                emit(f"{path}\t{line}")
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     if args.output:
@@ -96,11 +103,14 @@ def run(args: argparse.Namespace) -> int:
     if args.html:
         from captioner.eval.gallery import GalleryItem, write_gallery
 
-        items = [GalleryItem(Path(path), r.caption,
-                             n_best=[(captioner.text(h), h.score) for h in r.hypotheses]) for path, r in gallery]
+        items = [GalleryItem(Path(path), r.caption, n_best=[(captioner.text(h), h.score) for h in r.hypotheses],
+                             **explain.gallery(r.hypotheses[0])) for path, r in gallery]
         page = write_gallery(Path(args.html), items, title="captions",
                              subtitle=f"{pretrained.describe(args.checkpoint)}, beam {args.beam_size}:")
         print(f"gallery: {page}", file=sys.stderr)
+    if explain.flagged:
+        print(f"{explain.flagged} caption(s) under --min-confidence {args.min_confidence:g}, marked `?`",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

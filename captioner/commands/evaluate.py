@@ -10,7 +10,7 @@ from pathlib import Path
 from captioner import pretrained
 from captioner.data.holdout import Holdout
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
-from captioner.commands import guards_of
+from captioner.commands import guards_of, rerank_of
 from captioner.errors import CaptionerError
 from captioner.atomic import atomic_write_text
 from captioner.eval.gallery import check_page_path
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     records = [r for r in records if r.image in store]
     hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
                                       max_len=args.max_len, length_penalty=args.length_penalty,
-                                      guards=guards_of(args))
+                                      guards=guards_of(args), rerank=rerank_of(args))
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}
@@ -126,18 +126,21 @@ def run(args: argparse.Namespace) -> int:
             "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
             "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
             "repeat_guard": args.repeat_guard,
+            "rerank": {"n_best": args.rerank, "beam": args.rerank_beam, "weight": args.rerank_weight, "k": args.rerank_k,
+                       "index": captioner.judged is not None},
             "totals": scores.totals, "fluency": fluency,
             "hallucination": {k: v for k, v in objects.items() if k != "per_image"},
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
-                           "scores": scores.per_image.get(k, {}), "hallucinated": objects["per_image"][k]}
-                          for k, r in zip(keys, records)],
+                           "scores": scores.per_image.get(k, {}), "hallucinated": objects["per_image"][k],
+                           **({"confidence": round(h[0].confidence, 4)} if h[0].confidence is not None else {})}
+                          for k, r, h in zip(keys, records, hyps)],
         }
         write_report(Path(args.json), out)
     if args.html:
         from captioner.eval.gallery import GalleryItem, write_gallery
 
-        items = [GalleryItem(r.image, captions[k], references[k], scores.per_image.get(k, {}))
-                 for k, r in zip(keys, records)]
+        items = [GalleryItem(r.image, captions[k], references[k], scores.per_image.get(k, {}),
+                             confidence=h[0].confidence) for k, r, h in zip(keys, records, hyps)]
         page = write_gallery(Path(args.html), items, title=f"{Path(args.data).name} {split}",
                              totals=scores.totals,
                              subtitle=f"{pretrained.describe(args.checkpoint)}, beam {args.beam_size}:")

@@ -12,6 +12,7 @@ import socket
 import sys
 
 from captioner import pretrained
+from captioner.commands import rerank_of
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(captioner, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      max_upload_bytes=int(args.max_upload_mb * 1e6), beam_size=args.beam_size,
                      max_len=args.max_len, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                     host=args.host, allow_hosts=args.allow_host, allow_origins=args.allow_origin)
+                     host=args.host, allow_hosts=args.allow_host, allow_origins=args.allow_origin,
+                     rerank=rerank_of(args))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"captioner serve: listening on http://{shown}:{port}/ (device {captioner.device}, "

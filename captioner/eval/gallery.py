@@ -47,6 +47,8 @@ class GalleryItem:
     references: Sequence[str] = ()
     scores: Mapping[str, float] = field(default_factory=dict)  # x100, as captioner.eval.metrics gives them
     n_best: Sequence[tuple[str, float]] = ()  # (caption, score) best first; shown when there are several
+    confidence: float | None = None  # in [0, 1], from the model's neighbour index (captioner.model.confidence)
+    neighbours: Sequence[tuple[str, Sequence[str]]] = ()  # nearest training images: (name, their captions)
 
 
 def thumbs_folder(out: Path) -> Path:
@@ -142,6 +144,7 @@ def _sort_options(scored: bool) -> str:
     if scored:
         for metric in reversed(SHOWN_METRICS):  # CIDEr first
             options += [(f"{metric}:asc", f"{metric}, worst first"), (f"{metric}:desc", f"{metric}, best first")]
+    options += [("confidence:asc", "confidence, lowest first"), ("confidence:desc", "confidence, highest first")]
     options += [("index:asc", "original order"), ("name:asc", "file name"), ("length:asc", "caption length")]
     return "".join(f'<option value="{v}">{html.escape(label)}</option>' for v, label in options)
 
@@ -153,6 +156,8 @@ def _card(index: int, item: GalleryItem, src: str | None, size: tuple[int, int] 
     for metric in SHOWN_METRICS:
         if metric in item.scores:
             data.append(f'data-{metric.lower().replace("-", "")}="{item.scores[metric]:.4f}"')
+    if item.confidence is not None:
+        data.append(f'data-confidence="{item.confidence:.4f}"')
     if src:
         w, h = size
         picture = (f'<a href="{e(item.image.resolve().as_uri())}"><img src="{e(src)}" width={w} height={h} '
@@ -163,11 +168,17 @@ def _card(index: int, item: GalleryItem, src: str | None, size: tuple[int, int] 
                      for m in SHOWN_METRICS if m in item.scores)
     parts = [f'<article class=card {" ".join(data)}>', picture, '<div class=text>',
              f'<p class=caption>{e(item.caption)}</p>']
+    if item.confidence is not None:
+        scores += f'<span class=score title="confidence">confidence <b>{item.confidence:.2f}</b></span>'
     if scores:
         parts.append(f'<p class=scores>{scores}</p>')
     if len(item.n_best) > 1:
         rows = "".join(f"<li>{e(c)} <span class=lp>{s:.2f}</span></li>" for c, s in item.n_best)
         parts.append(f'<details><summary>{len(item.n_best)}-best</summary><ol class=nbest>{rows}</ol></details>')
+    if item.neighbours:
+        near = "".join(f'<li><span class=lp>{e(name)}</span> {e(" / ".join(caps))}</li>' for name, caps in item.neighbours)
+        parts.append(f'<details class=neighbours><summary>{len(item.neighbours)} nearest training images</summary>'
+                     f'<ol>{near}</ol></details>')
     if item.references:
         refs = "".join(f"<li>{e(r)}</li>" for r in item.references)
         parts.append(f'<details class=refs><summary>{len(item.references)} references</summary>'

@@ -30,6 +30,10 @@ class Hypothesis:
     tokens: list[int]  # word ids, no <start> / <end>
     score: float  # the ranking score: log_prob / gnmt_length_penalty(length, alpha)
     log_prob: float  # sum of the log-probabilities of the words (and of <end> when the caption ended)
+    # Filled in by the neighbour index (captioner.model.rerank), None without one:
+    consensus: float | None = None  # CIDEr-D against the captions of the k nearest training images
+    confidence: float | None = None  # in [0, 1] (captioner.model.confidence)
+    neighbours: tuple[tuple[int, float], ...] = ()  # the photo's nearest training images: (index id, similarity)
 
 
 def gnmt_length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | float:

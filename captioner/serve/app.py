@@ -78,10 +78,12 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
                beam_size: int = 3, max_len: int = 20, max_pixels: int = MAX_PIXELS, max_queue: int = 64,
                request_timeout: float = 60.0, download_timeout: float = 30.0, host: str = "127.0.0.1",
                allow_hosts: list[str] = (), allow_origins: list[str] = (),
-               decode_budget_bytes: int = DECODE_BUDGET_BYTES, body_budget_bytes: int | None = None) -> Starlette:
+               decode_budget_bytes: int = DECODE_BUDGET_BYTES, body_budget_bytes: int | None = None,
+               rerank=None) -> Starlette:
     """The app; `host` (the address the server is bound to) and `allow_hosts` name the Host headers it
     answers, `allow_origins` the other web origins whose pages may use it (captioner.serve.origins)."""
-    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                      rerank=rerank)
     # Decoding uploads runs on worker threads; no more at once than there are cores, so decoding and
     # the model's torch threads do not pile up on the CPU.
     decoders = anyio.CapacityLimiter(max(1, len(os.sched_getaffinity(0))))
@@ -146,8 +148,9 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
         del fields  # the upload's bytes are no longer needed while the image waits for its batch
         release_body()
         hyps = await batcher.caption(image, beam_size=beam, max_len=max_len, n_best=n_best)
-        best = [{"caption": captioner.text(h), "score": round(float(h.score), 4)} for h in hyps]
-        return JSONResponse({"caption": best[0]["caption"], "n_best": best})
+        best = [captioner.as_dict(h) for h in hyps]
+        confidence = {"confidence": best[0]["confidence"]} if "confidence" in best[0] else {}
+        return JSONResponse({"caption": best[0]["caption"], **confidence, "n_best": best})
 
     async def caption(request: Request):
         reserved = [0]  # the body's bytes, held from the body budget until the image is decoded

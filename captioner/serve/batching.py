@@ -46,7 +46,7 @@ class _Job:
 
 class Batcher:
     def __init__(self, captioner, max_batch: int = 16, max_wait_ms: float = 10.0, length_penalty: float = 0.0,
-                 max_queue: int = 64):
+                 max_queue: int = 64, rerank=None):
         if max_batch < 1:
             raise CaptionerError(f"max batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -57,6 +57,7 @@ class Batcher:
         self.captioner = captioner
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.length_penalty = length_penalty
+        self.rerank = rerank  # captioner.model.rerank.Rerank; None: the captioner's default
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -143,7 +144,8 @@ class Batcher:
         n_best = max(job.n_best for job in group)
         out = self.captioner.caption_pil([job.image for job in group], beam_size=beam_size, max_len=max_len,
                                          n_best=n_best, length_penalty=self.length_penalty,
-                                         batch_size=len(group))
+                                         batch_size=len(group),
+                                         **({} if self.rerank is None else {"rerank": self.rerank}))
         self.batches += 1
         self.images += len(group)
         return out

@@ -65,6 +65,9 @@ async function captionOne(file) {
     if (!answer.ok) throw new Error(body.error || answer.statusText);
     status.className = 'caption';
     status.textContent = body.caption;
+    if (body.confidence != null) {
+      text.insertBefore(el('p', 'score confidence', 'confidence ' + body.confidence.toFixed(2)), text.lastChild);
+    }
     if (body.n_best.length > 1) {
       const list = el('ol', 'nbest');
       for (const h of body.n_best) {

@@ -28,6 +28,7 @@ from captioner.errors import CaptionerError, NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.precision import announce, resolve as resolve_precision
 from captioner.train.init_from import boost_new_rows, extend_vocabulary, grow_rows, load_init, report_new_words
+from captioner.train.neighbours import write_run_index
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, LAST, write_epoch
 from captioner.train.sources import EndToEnd, prepare_data
@@ -108,6 +109,8 @@ def fit(cfg: Config | None, run_dir: Path, resume: bool = False) -> dict[str, An
         holdout.write(run_dir, data.holdout)
         log.info("%s has no val split: %s; listed in %s", cfg.data.root, data.holdout.describe(),
                  run_dir / holdout.FILE_NAME)
+    if dist.is_main:
+        write_run_index(run_dir, data)
     vocab, source = data.vocab, data.features
     train_set = CaptionDataset(data.train, vocab, source.rows(data.train), cfg.data.max_len)
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)

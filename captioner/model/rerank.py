@@ -1,0 +1,100 @@
+"""Consensus reranking of a beam's n-best, and each caption's confidence, from a NeighbourIndex.
+
+    rerank = Rerank(n_best=8, weight=1.5, k=10, beam=10)  # the defaults; Rerank.off(): the beam's own order
+    hyps = judge(index, consensus, features, hyps, words_of, rerank)
+
+For each photo, its k nearest training images (cosine similarity of `v`) are found, and each candidate
+of the beam's n-best is scored `lp + weight * consensus`, where lp is its log-probability per word (words
++ 1 terms, <end> included) and consensus its CIDEr-D against those images' captions
+(captioner.model.consensus); the candidates are returned best first by that score, which becomes their
+`score` (their `log_prob` stays the decoder's). Every candidate gets
+its consensus, its confidence (when the index carries a calibration) and the photo's neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from captioner.errors import CaptionerError
+from captioner.model.confidence import Calibration, features_of
+from captioner.model.consensus import Consensus
+from captioner.model.neighbours import NeighbourIndex
+from captioner.model.search import Hypothesis
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """n_best: the beam's best candidates that are reranked (0: no reranking); beam: the beam width they
+    come from (the search's beam is widened to it, and to n_best); weight: lambda in lp + lambda * consensus;
+    k: the nearest training images consulted. The defaults are the best on Flickr8k dev (docs/results.md)."""
+
+    n_best: int = 8
+    weight: float = 1.5
+    k: int = 10
+    beam: int = 10
+
+    @classmethod
+    def off(cls) -> Rerank:
+        return cls(n_best=0)
+
+    def check(self) -> Rerank:
+        if isinstance(self.n_best, bool) or not isinstance(self.n_best, int) or self.n_best < 0:
+            raise CaptionerError(f"the reranked n-best must be 0 (off) or a positive integer, got {self.n_best!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise CaptionerError(f"the neighbours consulted (k) must be a positive integer, got {self.k!r}")
+        if isinstance(self.beam, bool) or not isinstance(self.beam, int) or self.beam < 1:
+            raise CaptionerError(f"the reranking beam must be a positive integer, got {self.beam!r}")
+        if not self.weight >= 0:
+            raise CaptionerError(f"the consensus weight must be 0 or positive, got {self.weight!r}")
+        return self
+
+
+def log_prob_per_word(h: Hypothesis) -> float:
+    return h.log_prob / (len(h.tokens) + 1)
+
+
+def judge(index: NeighbourIndex, consensus: Consensus, calibration: Calibration | None, features: torch.Tensor,
+          hyps: Sequence[list[Hypothesis]], words_of: Callable[[Hypothesis], list[str]],
+          rerank: Rerank) -> list[list[Hypothesis]]:
+    """features (B, F) and each photo's candidates -> the candidates with consensus, confidence and
+    neighbours filled in, reranked when rerank.n_best > 0 (else in the beam's order)."""
+    sims, ids = index.search(features, rerank.k)
+    out = []
+    for i, candidates in enumerate(hyps):
+        near = ids[i].tolist()
+        close = sims[i].tolist()
+        scores = consensus.scores([words_of(h) for h in candidates], near)
+        nearest, mean = close[0], sum(close) / len(close)
+        judged = []
+        for h, knn in zip(candidates, scores.tolist()):
+            conf = None
+            if calibration is not None:
+                conf = float(calibration(features_of(nearest, mean, knn, log_prob_per_word(h))))
+            judged.append(replace(h, consensus=knn, confidence=conf, neighbours=tuple(zip(near, close))))
+        if rerank.n_best:  # ranked, and scored, by lp + weight * consensus
+            judged = [replace(h, score=log_prob_per_word(h) + rerank.weight * h.consensus) for h in judged]
+            judged.sort(key=lambda h: -h.score)
+        out.append(judged)
+    return out
+
+
+class Judged:
+    """A NeighbourIndex ready to judge captions: its consensus scorer (document frequencies built on first
+    use) and its confidence's calibration, if it carries one."""
+
+    def __init__(self, index: NeighbourIndex):
+        self.index = index
+        self.consensus = Consensus(index)
+        self.calibration = Calibration.from_dict(index.calibration) if index.calibration else None
+
+    def __call__(self, features: torch.Tensor, hyps: Sequence[list[Hypothesis]],
+                 words_of: Callable[[Hypothesis], list[str]], rerank: Rerank) -> list[list[Hypothesis]]:
+        return judge(self.index, self.consensus, self.calibration, features, hyps, words_of, rerank)
+
+    def neighbour_captions(self, h: Hypothesis, n: int) -> list[dict]:
+        """The first n of a hypothesis's neighbours: [{"image": name, "similarity": s, "captions": [...]}]."""
+        return [{"image": self.index.names[i], "similarity": round(s, 4), "captions": self.index.captions(i)}
+                for i, s in h.neighbours[:n]]
