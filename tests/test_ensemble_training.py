@@ -95,7 +95,8 @@ def test_the_run_directory_names_its_members_for_evaluate_and_export(tiny_data, 
 
     proc = run_cli("export", run, tmp_path / "out" / "model.pt")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-2.pt", "model.pt"]
+    # each exported member carries the run's neighbour index beside it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-2.knn", "model-2.pt", "model.knn", "model.pt"]
     exported = [checkpoint.load_model(tmp_path / "out" / n) for n in ("model.pt", "model-2.pt")]
     assert all(t.dtype == torch.float16 for t in checkpoint.read(tmp_path / "out" / "model-2.pt")["model"].values())
     ens = checkpoint.ensemble_of(exported, ["model.pt", "model-2.pt"])

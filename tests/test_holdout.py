@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from captioner import checkpoint
+from captioner.cli import build_parser
 from captioner.commands import evaluate as evaluate_command
 from captioner.config import load_config
 from captioner.data import holdout
@@ -136,9 +137,10 @@ def test_fit_records_the_slice_and_resume_keeps_it(tmp_path, caplog):
 
 
 def eval_args(**kw):
-    base = dict(checkpoint=[], data="", format="auto", split=None, cache_dir="cache", limit=0, no_meteor=True,
-                json=None, html=None, beam_size=1, length_penalty=0.0, max_len=20, device="cpu",
-                precision="fp32", no_repeat_ngram=0, repeat_guard=False, end_guard=False)
+    """`captioner evaluate`'s arguments as its parser gives them, greedy and plain (no guards, no reranking)."""
+    base = vars(build_parser().parse_args(["evaluate", "--data", ""]))
+    base.update(no_meteor=True, beam_size=1, device="cpu", precision="fp32", no_repeat_ngram=0, repeat_guard=False,
+                end_guard=False, rerank=0)
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -87,7 +87,7 @@ def test_the_test_hook_reaches_subprocesses(tmp_path, forced):
     done = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO); " + code],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"precision {forced} on cpu: auto: forced to {forced} by {AUTO_OVERRIDE_ENV}" in done.stderr
+    assert f"precision: {forced} on cpu (auto: forced to {forced} by {AUTO_OVERRIDE_ENV}" in done.stderr
 
 
 def test_config_and_cli_take_the_precision():

@@ -56,6 +56,9 @@ class FakeCaptioner:
     def text(self, hypothesis):
         return hypothesis.text
 
+    def as_dict(self, hypothesis):
+        return {"caption": hypothesis.text, "score": hypothesis.score}
+
 
 def png(w=40, h=30, color=(200, 100, 50)) -> bytes:
     buf = io.BytesIO()
