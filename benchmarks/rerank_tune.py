@@ -4,7 +4,7 @@
         --coco ../shared/datasets/coco-dev --cache-dir cache --out sets.pt
     python3 benchmarks/rerank_tune.py decode --inputs sets.pt --out nbest.json [--device cuda]
     python3 benchmarks/rerank_tune.py grid nbest.json               # lambda x k x n on dev, CiderD scale
-    python3 benchmarks/rerank_tune.py confidence nbest.json [--write-calibration]
+    python3 benchmarks/rerank_tune.py confidence nbest.json [--inputs sets.pt] [--write-calibration]
 
 gather: every Flickr8k dev (val) image's and every coco-dev (train) image's vector (through the feature
 cache) and references, in one small file. decode: each is decoded once with the model (default: the
@@ -20,11 +20,13 @@ pycocoevalcap formula on the regex tokenizer), then scores the best settings and
 with the COCO evaluation (PTB tokenizer, as `captioner evaluate`) on dev and coco-dev.
 
 confidence: for the chosen setting (--weight, --k, --n), the features of each photo's chosen caption
-(captioner.model.confidence), fits the logistic model to "per-image CIDEr >= --good" on dev and coco-dev
-pooled, and prints the AUROC of the confidence for telling a Flickr8k dev photo (higher) from a coco-dev
+(captioner.model.confidence), fits the quality model to "per-image CIDEr >= --good" on dev and coco-dev
+pooled and, with --inputs, the photo model (the similarities and the log tag probabilities from the
+encoder's classifier on each photo's vector) to "a Flickr8k dev photo", and prints the AUROC of the confidence for telling a Flickr8k dev photo (higher) from a coco-dev
 photo, and its Spearman correlation with per-image CIDEr over both, fitted on all of them and 5-fold
-cross-validated (each fold scored by a model fitted on the other four). --write-calibration stores the
-fit on all of them in the index.
+cross-validated (each fold scored by models fitted on the other four), for the quality model, the photo
+model and the confidence quality * photo ** --power. --write-calibration stores the fit on all of them in
+the index (--index, default the one decode used).
 """
 
 import argparse
@@ -43,11 +45,13 @@ from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.metrics import CaptionScorer
 from captioner.eval.ranking import auroc, spearman
 from captioner.inference import Captioner
-from captioner.model.confidence import Calibration, features_of
+from captioner.model.confidence import (Calibration, Confidence, features_of, photo_feature_names,
+                                        photo_features_of)
 from captioner.model.consensus import Consensus
 from captioner.model.neighbours import NeighbourIndex, find_index
 from captioner.model.rerank import Rerank
 from captioner.vision.features import extract_features
+from captioner.vision.tags import word_probabilities
 
 K_MAX = 60
 
@@ -176,7 +180,7 @@ def grid(args) -> None:
 
 def confidence(args) -> None:
     saved, off = load(args.nbest)
-    feats, cider, coco = [], [], []
+    feats, cider, coco, images, sims10 = [], [], [], [], []
     with CaptionScorer(meteor=False) as scorer:
         for name in ("flickr8k-dev", "coco-dev"):
             picks = off.choose(name, args.weight, args.k, args.n)
@@ -189,29 +193,53 @@ def confidence(args) -> None:
                                          lp / (len(cand.split()) + 1)))
                 cider.append(per[it["image"]]["CIDEr"])
                 coco.append(name == "coco-dev")
+                images.append((name, it["image"]))
     x, cider, coco = np.array(feats), np.array(cider), np.array(coco)
     good = cider >= args.good
     print(f"{len(x)} photos ({(~coco).sum()} Flickr8k dev, {coco.sum()} coco-dev); good (CIDEr >= {args.good}): "
           f"{good.mean():.0%}")
-    cal = Calibration.fit(x, good, fitted_on=f"Flickr8k dev and coco-dev, per-image CIDEr >= {args.good}")
-    conf = cal(x)
-    print(f"fitted on all:  AUROC (Flickr8k dev vs coco-dev) {auroc(conf, ~coco):.3f}  "
-          f"Spearman (vs per-image CIDEr) {spearman(conf, cider):.3f}")
-    print("  weights (standardised):", dict(zip(("nearest", "mean_sim", "consensus", "lp"), np.round(cal.weights, 3))),
-          "bias", round(cal.bias, 3))
-    folds = np.random.default_rng(0).permutation(len(x)) % 5
-    cv = np.zeros(len(x))
-    for f in range(5):
-        fit = Calibration.fit(x[folds != f], good[folds != f])
-        cv[folds == f] = fit(x[folds == f])
-    print(f"5-fold cross-validated: AUROC {auroc(cv, ~coco):.3f}  Spearman {spearman(cv, cider):.3f}")
+    folds = np.random.default_rng(args.seed).permutation(len(x)) % 5
+
+    def cross_validated(fit):  # each fold scored by a model fitted on the other four
+        cv = np.zeros(len(x))
+        for f in range(5):
+            cv[folds == f] = fit(folds != f)(folds == f)
+        return cv
+
+    def show(label, fitted, cv):
+        print(f"{label:<34} fitted on all: AUROC {auroc(fitted, ~coco):.3f}  Spearman {spearman(fitted, cider):.3f}"
+              f"   5-fold cross-validated: AUROC {auroc(cv, ~coco):.3f}  Spearman {spearman(cv, cider):.3f}")
+
+    quality_of = f"Flickr8k dev and coco-dev, per-image CIDEr >= {args.good}"
+    cal = Calibration.fit(x, good, fitted_on=quality_of)
+    print("quality model's weights (standardised):",
+          dict(zip(("nearest", "mean_sim", "consensus", "lp"), np.round(cal.weights, 3))), "bias", round(cal.bias, 3))
+    show("quality model (AUROC, Spearman)", cal(x),
+         cross_validated(lambda tr: lambda te: Calibration.fit(x[tr], good[tr])(x[te])))
     for j, feature in enumerate(("nearest similarity", "mean similarity", "consensus", "lp per word")):
         print(f"  {feature:<20} alone: AUROC {auroc(x[:, j], ~coco):.3f}  Spearman {spearman(x[:, j], cider):.3f}")
+    result = Confidence(cal)
+    if args.inputs:  # the photo model: Flickr8k dev (1) vs coco-dev (0) from similarities and tags
+        sets = torch.load(args.inputs, weights_only=True)
+        encoder = Captioner.from_checkpoints(args.checkpoint).encoder
+        probs = {}
+        for name, item in sets.items():
+            words = word_probabilities(encoder, item["features"].float()).numpy()
+            probs.update({(name, image): row for image, row in zip(item["images"], words)})
+        photo = photo_features_of(x[:, 0], x[:, 1], np.stack([probs[key] for key in images]))
+        familiar_of = f"Flickr8k dev (1) vs coco-dev (0) photos, L2 {args.photo_l2}"
+        model = Calibration.fit(photo, ~coco, l2=args.photo_l2, fitted_on=familiar_of, names=photo_feature_names())
+        photo_cv = cross_validated(lambda tr: lambda te: Calibration.fit(photo[tr], (~coco)[tr], l2=args.photo_l2,
+                                                                          names=photo_feature_names())(photo[te]))
+        show("photo model alone", model(photo), photo_cv)
+        result = Confidence(cal, model, args.power)
+        quality_cv = cross_validated(lambda tr: lambda te: Calibration.fit(x[tr], good[tr])(x[te]))
+        show(f"quality * photo ** {args.power:g}", result(x, photo), quality_cv * photo_cv ** args.power)
     if args.write_calibration:
-        index = NeighbourIndex.load(saved["index"])
-        index.calibration = {**cal.to_dict(), "rerank": {"n_best": args.n, "weight": args.weight, "k": args.k}}
-        index.save(saved["index"])
-        print(f"calibration written to {saved['index']}")
+        index = NeighbourIndex.load(args.index or saved["index"])
+        index.calibration = {**result.to_dict(), "rerank": {"n_best": args.n, "weight": args.weight, "k": args.k}}
+        index.save(args.index or saved["index"])
+        print(f"calibration written to {args.index or saved['index']}")
 
 
 def main() -> None:
@@ -244,6 +272,12 @@ def main() -> None:
     c.add_argument("--k", type=int, default=Rerank().k)
     c.add_argument("--n", type=int, default=Rerank().n_best)
     c.add_argument("--good", type=float, default=50.0, help="per-image CIDEr (x100) that counts as good")
+    c.add_argument("--inputs", help="the file `gather` wrote: with it, the photo model on tags is fitted too")
+    c.add_argument("--checkpoint", action="append", default=[], help="the model whose encoder tags the photos")
+    c.add_argument("--power", type=float, default=2.0, help="confidence = quality * photo ** power")
+    c.add_argument("--photo-l2", type=float, default=0.03, help="the photo model's L2 penalty")
+    c.add_argument("--seed", type=int, default=0, help="of the cross-validation's folds")
+    c.add_argument("--index", help="the index to write the calibration to (default: the one decode used)")
     c.add_argument("--write-calibration", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(2)

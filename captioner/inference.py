@@ -20,6 +20,7 @@ from captioner.device import resolve_device
 from captioner.vision.encoders import Encoder, build_encoder
 from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
+from captioner.vision.tags import word_probabilities
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 from captioner.precision import Precision, resolve
 from captioner.checkpoint import default_checkpoint, default_checkpoints  # noqa: F401 (re-exported)
@@ -177,9 +178,20 @@ class Captioner:
                                     length_penalty=length_penalty, start_id=self.vocab.start_id,
                                     end_id=self.vocab.end_id)
             if self.judged is not None:
-                found = self.judged(chunk, found, lambda h: self.vocab.decode(h.tokens).split(), rerank)
+                found = self.judged(chunk, found, lambda h: self.vocab.decode(h.tokens).split(), rerank,
+                                    self._tag_probabilities(chunk))
             out.extend(h[:n_best] for h in found)
         return out
+
+    def _tag_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The photos' tag word probabilities, when the confidence's calibration has a photo model (it judges
+        how like the training photos a photo is by them) and the encoder has its ImageNet classifier."""
+        if self.judged is None or not self.judged.needs_tags:
+            return None
+        try:
+            return word_probabilities(self.encoder, features)
+        except CaptionerError:  # no classifier, or no mean-pooled feature: no confidence
+            return None
 
     def text(self, hypothesis: Hypothesis) -> str:
         return self.vocab.decode(hypothesis.tokens)

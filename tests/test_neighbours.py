@@ -16,7 +16,7 @@ from captioner.cli import build_parser
 from captioner.errors import CaptionerError
 from captioner.eval.cider import CiderD
 from captioner.eval.ranking import auroc, spearman
-from captioner.model.confidence import Calibration
+from captioner.model.confidence import Calibration, Confidence, photo_feature_names, photo_features_of
 from captioner.model.consensus import Consensus
 from captioner.model.neighbours import NeighbourIndex, find_index, index_path
 from captioner.model.rerank import Judged, Rerank, judge
@@ -131,6 +131,66 @@ def test_calibration_fits_ranks_and_round_trips():
     assert Calibration.from_dict({**cal.to_dict(), "features": ["other"]}) is None
 
 
+def photo_model(familiar_word="dog", power=2.0):
+    """A quality model on the four features and a photo model that finds photos tagged `familiar_word`
+    familiar and all others not."""
+    quality = Calibration((0.5, 0.5, 5.0, -1.0), (0.1, 0.1, 2.0, 0.5), (1.0, 0.0, 1.0, 0.5), 0.0)
+    names = photo_feature_names()
+    weights = tuple(4.0 if name == f"tag:{familiar_word}" else 0.0 for name in names)
+    photo = Calibration((0.0,) * len(names), (1.0,) * len(names), weights, 10.0, "test", names)
+    return Confidence(quality, photo, power)
+
+
+def tagged(word):
+    from captioner.vision.tags import tag_words
+
+    probs = np.full(len(tag_words()), 1e-6)
+    probs[tag_words().index(word)] = 1.0
+    return probs
+
+
+def test_the_confidence_multiplies_quality_by_the_photo_models_familiarity_and_round_trips():
+    conf = photo_model(power=2.0)
+    x = np.array([[0.6, 0.5, 7.0, -0.8]] * 2)
+    photo = photo_features_of(np.array([0.6, 0.6]), np.array([0.5, 0.5]), np.stack([tagged("dog"), tagged("pizza")]))
+    got = conf(x, photo)
+    np.testing.assert_allclose(got, conf.quality(x) * conf.photo(photo) ** 2.0)
+    assert 0 <= got.min() and got.max() <= 1 and got[0] > 0.5 > 0.01 > got[1]  # a pizza is unlike the dogs
+    again = Confidence.from_dict(conf.to_dict())
+    assert again.photo is not None and again.power == 2.0
+    np.testing.assert_allclose(again(x, photo), got)
+    # An index calibrated before the photo model (four features, no "photo") still loads: quality alone.
+    old = Confidence.from_dict(conf.quality.to_dict())
+    assert old is not None and old.photo is None
+    np.testing.assert_allclose(old(x), conf.quality(x))
+    # A photo model for other tag words than this version's is left out; other quality features refuse.
+    other = {**conf.to_dict(), "photo": {**conf.to_dict()["photo"], "features": ["nearest_similarity", "tag:x"]}}
+    assert Confidence.from_dict(other).photo is None
+    assert Confidence.from_dict({**conf.to_dict(), "features": ["other"]}) is None
+    with pytest.raises(ValueError):
+        conf(x)  # a photo model needs the photo's features
+
+
+def test_judge_gives_an_unfamiliar_photo_a_lower_confidence_from_its_tags():
+    caps = [[["a", "dog", "runs", "on", "the", "grass"]] * 5, [["a", "man", "on", "the", "beach"]] * 5]
+    index = NeighbourIndex.build(np.array([[1.0, 0.0], [0.0, 1.0]]), caps, SPEC, ["dog.jpg", "man.jpg"], dims=0)
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    words = {i: w for w, i in vocab.items()}
+    beam = [hyp(["a", "dog", "runs", "on", "the", "grass"], -3.5, vocab)]
+    photos = torch.tensor([[0.9, 0.1], [0.9, 0.1]])  # the same vector: only the tags differ
+    words_of = lambda h: [words[t] for t in h.tokens]  # noqa: E731
+    tags = torch.tensor(np.stack([tagged("dog"), tagged("pizza")]))
+    conf = photo_model()
+    dog, pizza = (h[0].confidence for h in judge(index, Consensus(index), conf, photos, [beam, beam], words_of,
+                                                 Rerank(n_best=1, k=2), tags))
+    assert 0 <= pizza < dog <= 1 and pizza < 0.01
+    plain = judge(index, Consensus(index), Confidence(conf.quality), photos, [beam, beam],
+                  words_of, Rerank(n_best=1, k=2))
+    assert plain[0][0].confidence == plain[1][0].confidence > dog  # quality alone: the tags not consulted
+    untagged = judge(index, Consensus(index), conf, photos, [beam], words_of, Rerank(n_best=1, k=2))
+    assert untagged[0][0].confidence is None  # a photo model with nothing to judge the photo by: no confidence
+
+
 def test_auroc_and_spearman_on_known_values():
     assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     assert auroc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # ties count half
@@ -200,7 +260,7 @@ def test_api_n_best_dicts_carry_confidence_when_the_index_is_calibrated(trained,
 
     data, run = trained
     index = NeighbourIndex.load(run / "neighbours.knn")
-    index.calibration = Calibration((0.5, 0.5, 5.0, -1.0), (0.1, 0.1, 2.0, 0.5), (1.0, 0.0, 1.0, 0.5), 0.0).to_dict()
+    index.calibration = photo_model().to_dict()  # with a photo model: the captioner tags the photo for it
     (tmp_path / "model.pt").write_bytes((run / "best.pt").read_bytes())
     index.save(tmp_path / "model.knn")
     cap = Captioner.from_pretrained(tmp_path / "model.pt", device="cpu", precision="fp32")
@@ -208,7 +268,7 @@ def test_api_n_best_dicts_carry_confidence_when_the_index_is_calibrated(trained,
     assert all(0 <= h["confidence"] <= 1 and "consensus" in h for h in best)
     plain = Captioner.from_pretrained(run / "best.pt", device="cpu", precision="fp32")
     assert "confidence" not in plain(data / "Images" / "blue_0.jpg", n_best=1)[0]
-    assert isinstance(Judged(index).calibration, Calibration)
+    assert isinstance(Judged(index).calibration, Confidence) and Judged(index).needs_tags
 
 
 def test_the_shipped_index_fits_the_shipped_models_and_the_package_stays_under_50_mb():
@@ -219,7 +279,8 @@ def test_the_shipped_index_fits_the_shipped_models_and_the_package_stays_under_5
     loaded = checkpoint.load_model(shipped[0])
     index.check_encoder(loaded.encoder, loaded.model.feature_dim, shipped[0], where)
     assert len(index) == 6000 and index.calibration is not None  # Flickr8k train, with its confidence
-    assert Calibration.from_dict(index.calibration) is not None
+    confidence = Confidence.from_dict(index.calibration)
+    assert confidence is not None and confidence.photo is not None  # quality, and the photo model on tags
     assert sum(p.stat().st_size for p in where.parent.iterdir() if p.is_file()) < 50e6
 
 
