@@ -8,6 +8,7 @@ captions with greedy or beam search.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,13 +21,14 @@ from captioner.device import resolve_device
 from captioner.vision.encoders import Encoder, build_encoder
 from captioner.errors import CaptionerError
 from captioner.vision.images import as_image, load_image
-from captioner.vision.tags import word_probabilities
+from captioner.vision.tags import tag_words, word_probabilities, word_rows
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 from captioner.precision import Precision, resolve
 from captioner.checkpoint import default_checkpoint, default_checkpoints  # noqa: F401 (re-exported)
 from captioner.eval import fluency
 from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepeatWord
 from captioner.model.neighbours import NeighbourIndex, find_index
+from captioner.model.open_vocab import OpenVocab, OpenVocabulary, TagVocabulary, constrained_beam_search
 from captioner.model.rerank import Judged, Rerank
 
 log = logging.getLogger("captioner")
@@ -128,9 +130,20 @@ class Captioner:
             self._encoder = encoder.to(self.device).eval()
         return self._encoder
 
-    def constrained(self, guards: Guards):
+    @functools.cached_property
+    def tag_vocab(self) -> TagVocabulary | None:
+        """The caption vocabulary with the encoder's tag words (captioner.model.open_vocab); None when the
+        encoder has no ImageNet classifier or no mean-pooled feature to give tags from."""
+        if self.encoder.spec.pooling == "max":
+            return None
+        try:
+            return TagVocabulary(self.vocab, tag_words(), word_rows(self.encoder))
+        except CaptionerError:
+            return None
+
+    def constrained(self, guards: Guards, model=None):
         """The searchable decoder under the decode-time constraints of captioner.model.constraints."""
-        model = self.searchable
+        model = self.searchable if model is None else model
         if guards.no_repeat_ngram:
             model = NoRepeatNgram(model, guards.no_repeat_ngram)
         if guards.repeat_word:
@@ -144,7 +157,8 @@ class Captioner:
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                          n_best: int = 1, batch_size: int = 100, length_penalty: float = 0.0,
-                         guards: Guards = Guards(), rerank: Rerank = Rerank()) -> list[list[Hypothesis]]:
+                         guards: Guards = Guards(), rerank: Rerank = Rerank(),
+                         open_vocab: OpenVocab = OpenVocab.off()) -> list[list[Hypothesis]]:
         """features (N, F) image vectors -> the n-best hypotheses for each image.
 
         length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
@@ -154,8 +168,10 @@ class Captioner:
         rerank: with a neighbour index, the beam is widened to rerank.beam and its rerank.n_best best are reranked
         by consensus with the nearest training images (captioner.model.rerank; `Rerank.off()`: the beam's
         order); every hypothesis then carries its consensus, confidence and the photo's neighbours.
+        open_vocab: the encoder's tags in the next-word distribution (captioner.model.open_vocab), so the
+        caption may name what the caption vocabulary lacks; every hypothesis then carries its tags.
         """
-        searchable = self.constrained(guards)
+        tag_vocab = self.tag_vocab if open_vocab.on else None
         if length_penalty < 0:
             raise CaptionerError(f"length penalty must be 0 (off) or positive, got {length_penalty}")
         if beam_size < 1:
@@ -173,13 +189,24 @@ class Captioner:
         out: list[list[Hypothesis]] = []
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size].to(self.device, torch.float32)
+            searchable, tag_probs = self.searchable, None
+            if tag_vocab is not None:
+                tag_probs = word_probabilities(self.encoder, chunk)
+                searchable = OpenVocabulary(searchable, tag_vocab, tag_probs, open_vocab, self.vocab.end_id)
+            searchable = self.constrained(guards, searchable)
             with self.precision.autocast():
                 found = beam_search(searchable, chunk, beam_size=beam, max_len=max_len, n_best=candidates,
                                     length_penalty=length_penalty, start_id=self.vocab.start_id,
                                     end_id=self.vocab.end_id)
+                if tag_probs is not None and open_vocab.must > 0:
+                    self._say_required(guards, chunk, open_vocab, tag_probs, found, beam, max_len, candidates)
             if self.judged is not None:
-                found = self.judged(chunk, found, lambda h: self.vocab.decode(h.tokens).split(), rerank,
-                                    self._tag_probabilities(chunk))
+                found = self.judged(chunk, found, self._consensus_words, rerank,
+                                    self._tag_probabilities(chunk) if tag_probs is None else tag_probs)
+            if tag_probs is not None:
+                for image_probs, hyps in zip(tag_probs.tolist(), found):
+                    for h in hyps:
+                        h.tags = self._caption_tags(h, image_probs)
             out.extend(h[:n_best] for h in found)
         return out
 
@@ -193,7 +220,39 @@ class Captioner:
         except CaptionerError:  # no classifier, or no mean-pooled feature: no confidence
             return None
 
+    def _say_required(self, guards: Guards, features, open_vocab: OpenVocab, tag_probs, found, beam: int,
+                      max_len: int, candidates: int) -> None:
+        """Replace, in place, the hypotheses of the images with a tag at least open_vocab.must probable by
+        those of constrained search, which must say it (an image where it cannot fit keeps its own)."""
+        must = OpenVocabulary(None, self.tag_vocab, tag_probs, open_vocab, self.vocab.end_id).required()
+        rows = (must >= 0).nonzero().squeeze(1)
+        if not len(rows):
+            return
+        picked = OpenVocabulary(self.searchable, self.tag_vocab, tag_probs[rows], open_vocab, self.vocab.end_id)
+        said = constrained_beam_search(self.constrained(guards, picked), features[rows], must[rows], beam_size=beam, max_len=max_len,
+                                       n_best=candidates, start_id=self.vocab.start_id, end_id=self.vocab.end_id)
+        for row, hyps in zip(rows.tolist(), said):
+            if hyps:
+                found[row] = hyps
+
+    def _consensus_words(self, hypothesis: Hypothesis) -> list[str]:
+        """The caption's words as the neighbour index compares them: a word beyond the caption vocabulary
+        counts as its proxy, since the training captions never have it."""
+        words = self.text(hypothesis).split()
+        if self.tag_vocab is None or not self.tag_vocab.new_words:
+            return words
+        return [self.tag_vocab.proxy_word(w) for w in words]
+
+    def _caption_tags(self, hypothesis: Hypothesis, image_probs: list[float]) -> tuple[tuple[str, float], ...]:
+        """The tag words the caption says, with the photo's probability for each."""
+        where = {w: j for j, w in enumerate(tag_words())}
+        said = dict.fromkeys(w for w in self.text(hypothesis).split() if w in where)
+        return tuple((w, round(image_probs[where[w]], 4)) for w in said)
+
     def text(self, hypothesis: Hypothesis) -> str:
+        """The caption's words; ids past the caption vocabulary are the open vocabulary's tag words."""
+        if any(t >= len(self.vocab) for t in hypothesis.tokens) and self.tag_vocab is not None:
+            return self.tag_vocab.words.decode(hypothesis.tokens)
         return self.vocab.decode(hypothesis.tokens)
 
     def as_dict(self, hypothesis: Hypothesis) -> dict:
@@ -203,6 +262,8 @@ class Captioner:
             out["consensus"] = round(hypothesis.consensus, 4)
         if hypothesis.confidence is not None:
             out["confidence"] = round(hypothesis.confidence, 4)
+        if hypothesis.tags is not None:
+            out["tags"] = [{"word": w, "probability": p} for w, p in hypothesis.tags]
         return out
 
     @torch.no_grad()

@@ -34,6 +34,9 @@ class Hypothesis:
     consensus: float | None = None  # CIDEr-D against the captions of the k nearest training images
     confidence: float | None = None  # in [0, 1] (captioner.model.confidence)
     neighbours: tuple[tuple[int, float], ...] = ()  # the photo's nearest training images: (index id, similarity)
+    # Filled in by open-vocabulary decoding (captioner.model.open_vocab), None without it: the tag words the
+    # caption says, each with the photo's probability for it.
+    tags: tuple[tuple[str, float], ...] | None = None
 
 
 def gnmt_length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | float:

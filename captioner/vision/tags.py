@@ -96,6 +96,16 @@ def word_probabilities(encoder: Encoder, v: torch.Tensor) -> torch.Tensor:
     return probs @ _class_to_word().to(probs.device)
 
 
+def word_rows(encoder: Encoder) -> torch.Tensor:
+    """(len(tag_words()), D): each tag word's direction in the classifier's weight space, the mean of its
+    classes' weight rows (how alike two words' objects look to the classifier)."""
+    if encoder.classifier is None:
+        raise CaptionerError(f"encoder {encoder.spec.name} has no ImageNet classifier to tag images with")
+    m = _class_to_word()
+    weight = encoder.classifier.weight.detach().float().cpu()
+    return (m.T @ weight) / m.sum(dim=0)[:, None]
+
+
 def tags(encoder: Encoder, v: torch.Tensor, threshold: float = 0.2, most: int = 5) -> list[list[Tag]]:
     """Each image's tag words with probability >= threshold, most likely first, at most `most`."""
     probs = word_probabilities(encoder, v)
