@@ -181,3 +181,13 @@ def test_caption_cli_html_on_the_example_photos(tmp_path):
             ({VISIBLE_JS})(c.querySelector('.caption')))""")
         browser.screenshot(tmp_path / "examples.png")
     assert shown == [True, True, True]
+
+
+def test_a_card_shows_the_tags_its_caption_used(tmp_path):
+    photo = tmp_path / "broccoli.png"
+    Image.new("RGB", (40, 30), (30, 140, 40)).save(photo)
+    page = write_gallery(tmp_path / "g.html", [GalleryItem(photo, "a plate of broccoli",
+                                                           tags=[("broccoli", 0.83), ("plate", 0.07)]),
+                                               GalleryItem(photo, "a man")]).read_text()
+    assert page.count("class=tags") == 1
+    assert "tags: broccoli 0.83, plate 0.07" in page

@@ -49,6 +49,7 @@ class GalleryItem:
     n_best: Sequence[tuple[str, float]] = ()  # (caption, score) best first; shown when there are several
     confidence: float | None = None  # in [0, 1], from the model's neighbour index (captioner.model.confidence)
     neighbours: Sequence[tuple[str, Sequence[str]]] = ()  # nearest training images: (name, their captions)
+    tags: Sequence[tuple[str, float]] = ()  # the encoder's tag words the caption says, with their probability
 
 
 def thumbs_folder(out: Path) -> Path:
@@ -172,6 +173,9 @@ def _card(index: int, item: GalleryItem, src: str | None, size: tuple[int, int] 
         scores += f'<span class=score title="confidence">confidence <b>{item.confidence:.2f}</b></span>'
     if scores:
         parts.append(f'<p class=scores>{scores}</p>')
+    if item.tags:
+        said = ", ".join(f"{e(w)} {p:.2f}" for w, p in item.tags)
+        parts.append(f'<p class=tags title="the image tags the caption says, with their probability">tags: {said}</p>')
     if len(item.n_best) > 1:
         rows = "".join(f"<li>{e(c)} <span class=lp>{s:.2f}</span></li>" for c, s in item.n_best)
         parts.append(f'<details><summary>{len(item.n_best)}-best</summary><ol class=nbest>{rows}</ol></details>')
@@ -211,6 +215,7 @@ main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1f
 .text {{ padding: 8px 10px; }}
 .caption {{ font-size: 15px; font-weight: 600; margin: 0 0 4px; }}
 .scores {{ margin: 0 0 4px; }} .score {{ margin-right: 10px; color: #555; }}
+.tags {{ margin: 0 0 4px; color: #2a6b3a; font-size: 13px; }}
 details {{ margin: 2px 0; color: #444; }} summary {{ cursor: pointer; color: #357; }}
 ul, ol {{ margin: 2px 0; padding-left: 18px; }} .lp {{ color: #888; font-size: 12px; }}
 .path {{ color: #888; font-size: 12px; margin: 4px 0 0; overflow: hidden; text-overflow: ellipsis;
