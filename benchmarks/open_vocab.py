@@ -109,11 +109,11 @@ def fit_copy(cap: Captioner, records, feats: torch.Tensor, grid: list[float]) ->
         known = tags.known_ids
         for t in range(T - 1):
             target = tokens[:, t + 1]
-            inner, qn, must, said = state
+            inner, qn, scale = state
             log_probs, inner = cap.searchable.step(tokens[:, t], inner)
             probs = log_probs.exp()
             mass = probs[:, known].sum(dim=1)
-            state = (inner, qn, must, said)
+            state = (inner, qn, scale)
             hit = torch.isin(target, known)
             if hit.any():
                 rows = hit.nonzero().squeeze(1)

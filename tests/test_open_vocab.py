@@ -138,3 +138,25 @@ def test_the_shipped_model_names_a_new_word_and_says_which_tags_it_used():
     said = dict(on.tags)
     assert said["broccoli"] > 0.5
     assert cap.as_dict(on)["tags"][0]["word"] in cap.text(on).split()
+
+
+def test_a_checked_word_the_photo_does_not_show_is_scaled_down():
+    v = vocab()
+    tags = TagVocabulary(v, TAGS, rows())
+    table = torch.full((len(v), len(v)), 0.01)
+    table[:, v.ids["dog"]] = 0.6
+    table = table / table.sum(dim=1, keepdim=True)
+    no_dog = torch.tensor([[0.3, 0.005, 0.0, 0.0, 0.0]])  # a cat, and hardly a dog
+    dog = torch.tensor([[0.0, 0.9, 0.0, 0.0, 0.0]])
+    settings = OpenVocab(copy=0.0, floor=0.05, checked=("dog",))
+
+    def probs(q):
+        wrapped = OpenVocabulary(Fixed(table), tags, q, settings, v.end_id)
+        return wrapped.step(torch.tensor([v.start_id]), wrapped.init_state(torch.zeros(1, 2)))[0].exp()[0]
+
+    p = probs(no_dog)
+    before = table[v.start_id]
+    assert float(p[v.ids["dog"]]) == pytest.approx(0.1 * float(before[v.ids["dog"]]), rel=1e-4)  # 0.005 / 0.05
+    others = [i for i in range(len(v)) if i != v.ids["dog"]]
+    assert torch.allclose(p[others], before[others], atol=1e-6)  # a penalty on "dog", nothing else moves
+    assert torch.allclose(probs(dog)[:len(v)], before, atol=1e-6)  # the photo shows a dog: unchanged
