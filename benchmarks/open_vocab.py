@@ -9,7 +9,8 @@ Variants (captioner.model.open_vocab.OpenVocab settings, beam 3, the default gua
 next-word distribution with the default copy weight), and any settings of OpenVocab as "copy=W,must=P"
 (must: constrained search for a tag at least P probable; a setting not named is OpenVocab's default). For each: BLEU-1, BLEU-4, CIDEr
 (COCO caption evaluation x100, no METEOR), CHAIR-i, CHAIR-s, captions saying "dog" and of those wrong, and
-the words beyond the caption vocabulary said / said correctly (the word is in a reference).
+the words beyond the caption vocabulary said / said correctly (the word is in a reference), and the fluency
+counts (captions with a bad ending, with a word repeated).
 
 --fit-copy: the copy weight that gives the Flickr8k dev references' tag words the highest likelihood under
 teacher forcing (the decoder reads each reference; at every position whose word is a tag word the caption
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from captioner.data.records import load_records
+from captioner.eval.fluency import fluency_counts
 from captioner.eval.hallucination import object_hallucination
 from captioner.eval.metrics import score_captions
 from captioner.inference import Captioner
@@ -78,9 +80,11 @@ def evaluate(cap: Captioner, records, feats: torch.Tensor, settings: OpenVocab) 
             if w not in cap.vocab:
                 new_said += 1
                 new_right += w in ref_words
+    fluency = fluency_counts(captions[k] for k in keys)
     return {"B1": totals["BLEU-1"], "B4": totals["BLEU-4"], "CIDEr": totals["CIDEr"],
             "CHAIR-i": 100 * objects["chair_i"], "CHAIR-s": 100 * objects["chair_s"],
             "dog": dog["said"], "dog wrong": dog["wrong"], "new words": new_said, "new right": new_right,
+            "bad endings": fluency["bad_endings"], "repeats": fluency["repeats"],
             "seconds": seconds, "captions": captions}
 
 
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.coco:
         sets.append(("coco-dev", *features_of(cap, split_records(args.coco, "train"), args.cache)))
     report = {}
-    cols = ["B1", "B4", "CIDEr", "CHAIR-i", "CHAIR-s", "dog", "dog wrong", "new words", "new right", "seconds"]
+    cols = ["B1", "B4", "CIDEr", "CHAIR-i", "CHAIR-s", "dog", "dog wrong", "new words", "new right", "bad endings", "repeats",
+            "seconds"]
     print("| variant | set | " + " | ".join(cols) + " |")
     for name in args.variants.split(";"):
         for set_name, records, feats in sets:

@@ -222,9 +222,13 @@ class Captioner:
 
     def _say_required(self, guards: Guards, features, open_vocab: OpenVocab, tag_probs, found, beam: int,
                       max_len: int, candidates: int) -> None:
-        """Replace, in place, the hypotheses of the images with a tag at least open_vocab.must probable by
-        those of constrained search, which must say it (an image where it cannot fit keeps its own)."""
+        """Replace, in place, the hypotheses of the images with a tag at least open_vocab.must probable that
+        their best caption does not say by those of constrained search, which must say it (an image where
+        it cannot fit keeps its own)."""
         must = OpenVocabulary(None, self.tag_vocab, tag_probs, open_vocab, self.vocab.end_id).required()
+        for row, hyps in enumerate(found):  # a caption that already says its tag keeps its own search
+            if int(must[row]) >= 0 and hyps and int(must[row]) in hyps[0].tokens:
+                must[row] = -1
         rows = (must >= 0).nonzero().squeeze(1)
         if not len(rows):
             return
