@@ -43,7 +43,7 @@ from captioner.train.init_from import boost_new_rows, extend_vocabulary, grow_ro
 from captioner.train.neighbours import write_run_index
 from captioner.train.phases import Trainer, schedule
 from captioner.train.run_dir import BEST, CONFIG, LAST, write_epoch
-from captioner.train.sources import EndToEnd, Prepared, prepare_data
+from captioner.train.sources import EndToEnd, FeatureSource, Prepared, prepare_data
 from captioner.train.validate import dev_loss, evaluate
 from captioner.vision.encoders import feature_differences
 
@@ -155,14 +155,7 @@ def build(cfg: Config, run_dir: Path, restored: Restored | None) -> Run:
     n_eval = min(tc.eval_images, len(data.val)) if tc.eval_images else len(data.val)
     eval_refs = [list(r.captions) for r in data.val[:n_eval]]
 
-    torch.manual_seed(tc.seed)
-    model = CaptionDecoder(cfg.model, vocab_size=len(vocab), feature_dim=source.dim, pad_id=vocab.pad_id).to(device)
-    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    if source.encoder is not None:
-        source.encoder.to(device)
-        groups.append({"params": [p for p in source.encoder.parameters() if p.requires_grad],
-                       "lr_scale": cfg.encoder.fine_tune_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    model, groups, optimizer = _decoder_and_optimizer(cfg, data, device)
     progress, step = Progress(), 0
     if init is not None:
         checkpoint.load_state(model, grow_rows(init.model.state_dict(), init.vocab, len(added), cfg.train.new_words),
@@ -171,12 +164,7 @@ def build(cfg: Config, run_dir: Path, restored: Restored | None) -> Run:
     new_from = len(init.vocab) if init is not None and added else None
     if restored is not None:
         new_from = restored.model.new_words_from
-        checkpoint.load_state(model, restored.model.model.state_dict(), restored.path)
-        if source.encoder is not None:
-            checkpoint.load_state(source.encoder, restored.model.encoder_state or {}, restored.path)
-        state = restored.state
-        optimizer.load_state_dict(state.optimizer)
-        progress, step = Progress(state.epoch, state.best, state.bad_epochs), state.step
+        progress, step = _load_restored(restored, model, source, optimizer)
         log.info("resuming %s at epoch %d (step %d)", run_dir, progress.epoch, step)
     if new_from is not None:
         boost_new_rows(optimizer, model, new_from, tc.new_words_lr_scale)
@@ -196,6 +184,33 @@ def build(cfg: Config, run_dir: Path, restored: Restored | None) -> Run:
         raise CaptionerError("train.scst_epochs: self-critical training runs in one process; run it without "
                              "torchrun (e.g. --resume the run after its cross-entropy epochs)")
     return Run(cfg, run_dir, trainer, progress, n_eval, eval_refs, new_from)
+
+
+def _decoder_and_optimizer(cfg: Config, data: Prepared, device: torch.device) -> tuple[
+        CaptionDecoder, list[dict[str, Any]], torch.optim.Optimizer]:
+    """A fresh decoder (its weights drawn from train.seed) on `device`, and its optimizer over the decoder
+    and the fine-tuned encoder blocks, if any (their parameter groups too)."""
+    vocab, source = data.vocab, data.features
+    torch.manual_seed(cfg.train.seed)
+    model = CaptionDecoder(cfg.model, vocab_size=len(vocab), feature_dim=source.dim, pad_id=vocab.pad_id).to(device)
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    if source.encoder is not None:
+        source.encoder.to(device)
+        groups.append({"params": [p for p in source.encoder.parameters() if p.requires_grad],
+                       "lr_scale": cfg.encoder.fine_tune_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return model, groups, optimizer
+
+
+def _load_restored(restored: Restored, model: CaptionDecoder, source: FeatureSource,
+                   optimizer: torch.optim.Optimizer) -> tuple[Progress, int]:
+    """A resumed run's weights and optimizer state loaded; -> its progress and step."""
+    checkpoint.load_state(model, restored.model.model.state_dict(), restored.path)
+    if source.encoder is not None:
+        checkpoint.load_state(source.encoder, restored.model.encoder_state or {}, restored.path)
+    state = restored.state
+    optimizer.load_state_dict(state.optimizer)
+    return Progress(state.epoch, state.best, state.bad_epochs), state.step
 
 
 def _data(cfg: Config, run_dir: Path, restored: Restored | None, dist: distributed.Dist,
