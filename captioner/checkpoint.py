@@ -314,7 +314,7 @@ def _memory_bytes() -> int:
 
 # torch.nn.init's in-place initialisers. The decoder's orthogonal W_hh blocks alone (a QR factorisation
 # each) took 0.3-2 s per model on the shared 2-core CPU, before the checkpoint's weights replaced them.
-_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                  "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                  "sparse_")
 
@@ -326,7 +326,7 @@ def _without_random_init():
     initialisers are swapped for no-ops only while the block runs, as Hugging Face's `no_init_weights`
     does, and restored however it ends. (Not a torch.device("meta") build: initialising on the meta
     device imports torch's compiler stack, which costs more than the initialisation it saves.)"""
-    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+    saved = {name: getattr(torch.nn.init, name) for name in INITIALISERS if hasattr(torch.nn.init, name)}
     try:
         for name in saved:
             setattr(torch.nn.init, name, _keep)
