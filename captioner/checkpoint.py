@@ -29,11 +29,12 @@ import torch
 from captioner import pretrained
 from captioner.atomic import atomic_write, remove_stale_temps
 from captioner.config import Config, ModelConfig, model_config_from_dict, validate
+from captioner.data.holdout import Holdout
 from captioner.data.vocab import Vocabulary
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.ensemble import Ensemble
 from captioner.model.neighbours import SUFFIX as INDEX_SUFFIX, index_path
-from captioner.vision.encoders import EncoderSpec, spec_with_defaults
+from captioner.vision.encoders import EncoderSpec, feature_differences
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -45,9 +46,17 @@ FORMAT_VERSION = 1
 # A machine with less memory gets half of what it has as the bound instead.
 MAX_DECODER_BYTES = 2 * 1024**3
 
-# What every checkpoint holds (model_payload), and what a training checkpoint adds (TrainingState).
+# The schema: every key a checkpoint may hold, named here and nowhere else.
+# Every checkpoint: what rebuilds the model (model_payload).
 MODEL_KEYS = ("model_config", "vocab", "feature_dim", "encoder", "model")
+# A training checkpoint adds its TrainingState, whose fields are these (required to resume) and `metrics`.
 TRAINING_KEYS = ("config", "optimizer", "epoch", "step", "best", "bad_epochs")
+FORMAT = "format_version"  # written by `save`: see the format versions above
+# Written only where they apply:
+ENCODER_STATE = "encoder_state"  # a fine-tuned encoder's weights (encoder.fine_tune): training checkpoints
+HOLDOUT = "holdout"  # the training images held out as dev (captioner.data.holdout.Holdout.to_dict()): any
+NEW_WORDS_FROM = "new_words_from"  # the first id of the words a run from train.init_from added: training
+PROVENANCE = "provenance"  # an exported model's source file, config, epoch, step, dev_metrics (export)
 
 
 @dataclass
@@ -57,10 +66,27 @@ class LoadedModel:
     encoder: dict[str, Any]  # the EncoderSpec as stored: name, weights, preprocessing (see encoder_spec)
     checkpoint: dict[str, Any]  # the file's whole dict as stored, for provenance (step, metrics, config, ...)
     encoder_state: dict[str, torch.Tensor] | None = None  # a fine-tuned encoder's weights, else None
+    members: tuple[LoadedModel, ...] = ()  # an ensemble's members as loaded (ensemble_of); () for one model
 
     def encoder_spec(self) -> EncoderSpec:
         """The stored spec as the dataclass (fields it predates at their defaults)."""
         return EncoderSpec.from_dict(self.encoder)
+
+    def holdout(self, path: str | Path) -> Holdout | None:
+        """The held-out dev images the model was selected on (None: it records none); `path` names the file
+        in the error for a damaged record."""
+        return recorded_holdout(self.checkpoint, path)
+
+    @property
+    def new_words_from(self) -> int | None:
+        """The first id of the words its run added to the vocabulary of the model it started from."""
+        return self.checkpoint.get(NEW_WORDS_FROM)
+
+
+def recorded_holdout(ckpt: dict[str, Any], path: str | Path) -> Holdout | None:
+    """A checkpoint dict's record of the held-out dev images (captioner.data.holdout), or None."""
+    raw = ckpt.get(HOLDOUT)
+    return Holdout.from_dict(raw, str(path)) if raw is not None else None
 
 
 @dataclass
@@ -78,11 +104,14 @@ class TrainingState:
 
 
 def training_payload(model: CaptionDecoder, vocab: Vocabulary, encoder_spec: EncoderSpec,
-                     state: TrainingState, encoder_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """The dict a training checkpoint stores: the model's payload plus the training state."""
+                     state: TrainingState, encoder_state: dict[str, torch.Tensor] | None = None,
+                     holdout: Holdout | None = None, new_words_from: int | None = None) -> dict[str, Any]:
+    """The dict a training checkpoint stores: the model's payload plus the training state, and what applies
+    of the fine-tuned encoder's weights, the held-out dev images and the first added word's id."""
     payload = {**model_payload(model, vocab, encoder_spec), **asdict(state)}
-    if encoder_state is not None:
-        payload["encoder_state"] = encoder_state
+    optional = {ENCODER_STATE: encoder_state, HOLDOUT: holdout.to_dict() if holdout is not None else None,
+                NEW_WORDS_FROM: new_words_from}
+    payload.update({key: value for key, value in optional.items() if value is not None})
     return payload
 
 
@@ -99,7 +128,7 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     A writer killed mid-save leaves only its `.NAME.*.tmp` file behind, never a damaged NAME; the next
     save of NAME removes such leftovers (one process writes a given checkpoint path at a time).
     """
-    payload = {**payload, "format_version": FORMAT_VERSION}
+    payload = {**payload, FORMAT: FORMAT_VERSION}
     remove_stale_temps(path)
     atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -169,10 +198,10 @@ def _migrate(ckpt: Any, path: Path) -> dict[str, Any]:
     """Bring a loaded dict of any known format version up to FORMAT_VERSION, one step at a time."""
     if not isinstance(ckpt, dict):
         raise CaptionerError(f"{path}: not a captioner checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
-    if "format_version" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if FORMAT not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise CaptionerError(f"{path}: a bare state_dict of {len(ckpt)} tensors, not a captioner checkpoint "
                              "(it has no model config or vocabulary)")
-    version = ckpt.get("format_version", 0)
+    version = ckpt.get(FORMAT, 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise CaptionerError(f"{path}: not a captioner checkpoint (format_version {version!r})")
     if version > FORMAT_VERSION:
@@ -194,7 +223,7 @@ def _v0_to_v1(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         except TypeError:
             raise CaptionerError(f"{path}: vocabulary is not a list of words") from None
         ckpt = {**ckpt, "vocab": vocab}
-    return {**ckpt, "format_version": 1}
+    return {**ckpt, FORMAT: 1}
 
 
 # _MIGRATIONS[v] turns format v into v + 1.
@@ -238,7 +267,7 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
         model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     load_state(model, state, path)
-    return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get("encoder_state"))
+    return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get(ENCODER_STATE))
 
 
 def decoder_parameters(cfg: ModelConfig, vocab_size: int, feature_dim: int) -> int:
@@ -285,7 +314,7 @@ def _memory_bytes() -> int:
 
 # torch.nn.init's in-place initialisers. The decoder's orthogonal W_hh blocks alone (a QR factorisation
 # each) took 0.3-2 s per model on the shared 2-core CPU, before the checkpoint's weights replaced them.
-_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                  "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                  "sparse_")
 
@@ -297,7 +326,7 @@ def _without_random_init():
     initialisers are swapped for no-ops only while the block runs, as Hugging Face's `no_init_weights`
     does, and restored however it ends. (Not a torch.device("meta") build: initialising on the meta
     device imports torch's compiler stack, which costs more than the initialisation it saves.)"""
-    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+    saved = {name: getattr(torch.nn.init, name) for name in INITIALISERS if hasattr(torch.nn.init, name)}
     try:
         for name in saved:
             setattr(torch.nn.init, name, _keep)
@@ -394,16 +423,13 @@ def ensemble_of(loaded: Sequence[LoadedModel], paths: Sequence[str | Path]) -> L
             untuned = path if tuned[0] == first_path else first_path
             raise CaptionerError(f"{refuse}: {tuned[0]} carries fine-tuned encoder weights and {untuned} "
                                  "does not, so they read different image vectors")
-        a, b = spec_with_defaults(first.encoder), spec_with_defaults(other.encoder)  # older specs: defaults
-        differs = [f"{k}: {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in dict.fromkeys([*a, *b])
-                   if a.get(k) != b.get(k)]
-        if first.model.feature_dim != other.model.feature_dim:
-            differs.append(f"feature_dim: {first.model.feature_dim} vs {other.model.feature_dim}")
+        differs = feature_differences(first.encoder, other.encoder,
+                                      feature_dims=(first.model.feature_dim, other.model.feature_dim))
         if differs:
             raise CaptionerError(f"{refuse}: they were trained on different image features "
                                  f"({'; '.join(differs)})")
     return LoadedModel(Ensemble([m.model for m in loaded]), first.vocab, first.encoder, first.checkpoint,
-                       first.encoder_state)
+                       first.encoder_state, tuple(loaded))
 
 
 def _vocab_difference(a: Vocabulary, b: Vocabulary) -> str:
@@ -419,15 +445,15 @@ def export(src: str | Path, dst: str | Path) -> Path:
     ckpt = read(src)
     loaded = build_model(ckpt, src)
     payload = model_payload(loaded.model, loaded.vocab, loaded.encoder, half=True)
-    payload["provenance"] = {
+    payload[PROVENANCE] = {
         "source": Path(src).name,
         "config": ckpt.get("config"),
         "epoch": ckpt.get("epoch"),
         "step": ckpt.get("step"),
         "dev_metrics": ckpt.get("metrics"),
     }
-    if ckpt.get("holdout") is not None:  # the training images it was selected on (captioner.data.holdout)
-        payload["holdout"] = ckpt["holdout"]
+    if ckpt.get(HOLDOUT) is not None:  # the training images it was selected on, as recorded
+        payload[HOLDOUT] = ckpt[HOLDOUT]
     save(dst, payload)
     carry_index(src, dst)
     return Path(dst)
@@ -446,8 +472,8 @@ def carry_index(src: str | Path, dst: str | Path) -> Path | None:
 
 
 # Which files a checkpoint argument names (a shipped model's name, a file, an ensemble run's folder) is
-# captioner.pretrained's business, the one place that knows the shipped models; these names stay for the
-# code that has always asked here. SINGLE_MODEL, the first member (exactly `--config flickr8k`), is the
+# captioner.pretrained's business, the one place that knows the shipped models; these thin aliases stay for
+# the callers (Captioner, the tests, the benchmarks) that have always asked here, and add nothing to it. SINGLE_MODEL, the first member (exactly `--config flickr8k`), is the
 # fastest alone and what `analyze` looks inside; DEFAULT_MODELS, the members of the default ensemble.
 SINGLE_MODEL = pretrained.SINGLE
 DEFAULT_MODELS = pretrained.default_members()

@@ -269,3 +269,32 @@ def test_caption_cli_refuses_bad_checkpoint_in_one_line(tmp_path, case):
     assert proc.stderr.startswith(f"error: {path}: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "code ran").exists()
+
+
+def test_every_key_a_checkpoint_holds_is_named_in_the_schema(tmp_path):
+    from dataclasses import fields
+
+    from captioner.data.holdout import Holdout
+    from captioner.vision.encoders import EncoderSpec
+
+    assert {f.name for f in fields(checkpoint.TrainingState)} == {*checkpoint.TRAINING_KEYS, "metrics"}
+    torch.manual_seed(0)
+    model = CaptionDecoder(CFG, vocab_size=len(WORDS), feature_dim=6)
+    spec = EncoderSpec.from_dict({**ENCODER, "image_size": 224, "resize": 256, "mean": (0.5,) * 3,
+                                  "std": (0.5,) * 3, "interpolation": "bicubic"})
+    state = checkpoint.TrainingState({}, {}, 3, 30, 0.5, 1, {"loss": 2.0})
+    held = Holdout(("a.jpg",), 0.25, 0, 4)
+    plain = checkpoint.training_payload(model, Vocabulary(WORDS), spec, state)
+    full = checkpoint.training_payload(model, Vocabulary(WORDS), spec, state, encoder_state={"w": torch.zeros(1)},
+                                       holdout=held, new_words_from=7)
+    optional = {checkpoint.ENCODER_STATE, checkpoint.HOLDOUT, checkpoint.NEW_WORDS_FROM}
+    assert set(plain) == {*checkpoint.MODEL_KEYS, *checkpoint.TRAINING_KEYS, "metrics"}
+    assert set(full) == set(plain) | optional  # written only where they apply
+    checkpoint.save(tmp_path / "last.pt", full)
+    loaded = checkpoint.load_model(tmp_path / "last.pt")
+    assert loaded.holdout(tmp_path / "last.pt") == held and loaded.new_words_from == 7
+    assert set(loaded.checkpoint) == set(full) | {checkpoint.FORMAT}
+    checkpoint.export(tmp_path / "last.pt", tmp_path / "model.pt")
+    exported = checkpoint.read(tmp_path / "model.pt")
+    assert set(exported) == {*checkpoint.MODEL_KEYS, checkpoint.PROVENANCE, checkpoint.HOLDOUT, checkpoint.FORMAT}
+    assert checkpoint.recorded_holdout(exported, "model.pt") == held

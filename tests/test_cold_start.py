@@ -27,7 +27,7 @@ def test_captioning_a_photo_imports_none_of_what_it_does_not_need():
 
 
 def test_a_loaded_decoder_holds_exactly_the_stored_weights_and_init_is_restored():
-    initialisers = {name: getattr(torch.nn.init, name) for name in checkpoint._INITIALISERS}
+    initialisers = {name: getattr(torch.nn.init, name) for name in checkpoint.INITIALISERS}
     path = checkpoint.pretrained_path("flickr8k")
     stored = checkpoint.read(path)["model"]
     loaded = checkpoint.load_model(path).model.state_dict()

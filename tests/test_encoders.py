@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.vision.encoders import (LITE0_SPEC, EfficientNetLite0, _ConvBN, _lite0_weights_file, build_encoder,
-                                lite0_state_dict, list_encoders)
+from captioner.vision.encoders import (LITE0_SPEC, EfficientNetLite0, build_encoder, lite0_state_dict,
+                                       list_encoders)
 from captioner.vision.encoders import EfficientNetLite, lite_spec, lite_state_dict
 from captioner.vision.encoders.registry import pil_transform
-from captioner.vision.encoders.lite import LITE1, LITE2, _weights_file, round_filters, round_repeats
+from captioner.vision.encoders.lite import LITE0, LITE1, LITE2, ConvBN, round_filters, round_repeats, weights_file
 from captioner.errors import CaptionerError
 from captioner.vision.features import cache_folder
 from captioner.vision.images import load_image
@@ -38,7 +38,7 @@ def test_registry_lists_names_and_suggests_closest():
 
 
 def test_lite0_weights_map_every_key_both_ways():
-    theirs = torch.load(_lite0_weights_file(), weights_only=True, map_location="cpu")
+    theirs = torch.load(weights_file(LITE0), weights_only=True, map_location="cpu")
     model = EfficientNetLite0(pretrained=False)
     mapped = lite0_state_dict(theirs, model)
     assert set(mapped) == set(model.state_dict()) and len(mapped) == len(theirs)
@@ -71,10 +71,10 @@ def test_unfreeze_last_blocks_gets_gradients_only_there():
 
 
 def test_tf_same_padding_is_asymmetric_for_stride_2():
-    conv = _ConvBN(1, 1, kernel=3, stride=2)
-    assert conv._same_pad(224) == 1  # one pixel in total, which F.pad puts bottom/right
-    assert _ConvBN(1, 1, kernel=5, stride=2)._same_pad(224) == 3
-    assert _ConvBN(1, 1, kernel=5, stride=1)._same_pad(14) == 4  # symmetric 2 + 2 when stride is 1
+    conv = ConvBN(1, 1, kernel=3, stride=2)
+    assert conv.same_pad(224) == 1  # one pixel in total, which F.pad puts bottom/right
+    assert ConvBN(1, 1, kernel=5, stride=2).same_pad(224) == 3
+    assert ConvBN(1, 1, kernel=5, stride=1).same_pad(14) == 4  # symmetric 2 + 2 when stride is 1
 
 
 def test_preprocess_resizes_crops_and_normalises(lite0):
@@ -117,14 +117,14 @@ def test_lite_scaling_rules():
 
 @pytest.mark.parametrize("variant", [LITE1, LITE2], ids=lambda v: v.name)
 def test_lite_weights_map_every_key_both_ways(variant):
-    theirs = torch.load(_weights_file(variant), weights_only=True, map_location="cpu")
+    theirs = torch.load(weights_file(variant), weights_only=True, map_location="cpu")
     model = EfficientNetLite(variant, pretrained=False)
     mapped = lite_state_dict(theirs, model)
     assert set(mapped) == set(model.state_dict()) and len(mapped) == len(theirs)
     # The other member's weights have the same key names (both have 21 blocks) but other shapes.
     other = LITE2 if variant is LITE1 else LITE1
     with pytest.raises(CaptionerError, match="do not match"):
-        lite_state_dict(torch.load(_weights_file(other), weights_only=True, map_location="cpu"), model)
+        lite_state_dict(torch.load(weights_file(other), weights_only=True, map_location="cpu"), model)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
@@ -181,3 +181,18 @@ def test_resnet_without_cached_weights_fails_fast_without_network(tmp_path, monk
     assert time.perf_counter() - start < 2
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "hub" / "checkpoints") in message and "https://" in message
+
+
+def test_one_check_says_how_two_encoders_features_differ():
+    from captioner.vision.encoders import feature_differences
+
+    stored = {k: v for k, v in LITE0_SPEC.to_dict().items() if k not in ("pooling", "flip_average", "tags")}
+    assert feature_differences(LITE0_SPEC, stored) == []  # a spec stored before a field: at its default
+    assert LITE0_SPEC.differences(replace(LITE0_SPEC, pooling="max", feature_dim=1280)) == ["pooling"]
+    assert feature_differences(stored, {**stored, "pooling": "max"}) == ["pooling: mean vs max"]
+    assert feature_differences({**stored, "interpolation": "bilinear"}, {k: v for k, v in stored.items()
+                                                                         if k != "interpolation"}) \
+        == ["interpolation: bilinear vs absent"]
+    assert feature_differences(LITE0_SPEC, {"name": "resnet50", "tags": False}, keys=("name", "tags")) \
+        == ["name: efficientnet_lite0 vs resnet50"]
+    assert feature_differences(LITE0_SPEC, LITE0_SPEC, feature_dims=(1280, 1380)) == ["feature_dim: 1280 vs 1380"]

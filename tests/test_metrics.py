@@ -64,7 +64,7 @@ def direct_pycocoevalcap(refs, hyps, meteor):
 @needs_java
 def test_equals_pycocoevalcap_called_directly(scorer):
     ours = scorer.score(REFS, HYPS)
-    direct = direct_pycocoevalcap(REFS, HYPS, meteor=scorer._meteor)  # pycocoevalcap's Meteor object
+    direct = direct_pycocoevalcap(REFS, HYPS, meteor=scorer.meteor)  # pycocoevalcap's Meteor object
     assert set(ours.totals) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     for metric, value in direct.items():
         assert ours[metric] == pytest.approx(value, abs=1e-9), metric
@@ -79,19 +79,19 @@ def test_meteor_sane_failure_reported_missing_and_jvm_reaped(caplog):
     s = CaptionScorer(meteor=True)
     perfect = s.score({1: ["a dog runs on the grass"]}, {1: "a dog runs on the grass"})
     assert perfect["METEOR"] > 90
-    proc = s._meteor.meteor_p
+    proc = s.meteor.meteor_p
     proc.kill()  # the JVM dies under us: the other metrics must still come back
     proc.wait()
     with caplog.at_level(logging.WARNING, logger="captioner"):
         scores = s.score(REFS, HYPS)
     assert "METEOR" not in scores.totals and "CIDEr" in scores.totals
     assert "METEOR failed" in caplog.text
-    assert s._meteor is None and proc.returncode is not None  # closed and reaped: no zombie
+    assert s.meteor is None and proc.returncode is not None  # closed and reaped: no zombie
     s.close()  # twice is fine
 
     s = CaptionScorer(meteor=True)
     s.score({1: ["a dog"]}, {1: "a dog"})
-    proc = s._meteor.meteor_p
+    proc = s.meteor.meteor_p
     s.close()
     assert proc.returncode is not None
 

@@ -159,8 +159,8 @@ def test_patience_ends_cross_entropy_early_but_scst_only_with_its_own_patience(t
                                                                                scst_patience, phases):
     # The dev score never improves after the first epoch: patience 1 ends the cross-entropy phase after its
     # second epoch; SCST then runs all its epochs unless train.scst_patience asks otherwise.
-    real = training._dev_metrics
-    monkeypatch.setattr(training, "_dev_metrics", lambda *a: {**real(*a), "CIDEr": 0.5})
+    real = training.dev_metrics
+    monkeypatch.setattr(training, "dev_metrics", lambda *a: {**real(*a), "CIDEr": 0.5})
     cfg = _cfg(tiny_data, tmp_path / "cache", "train.epochs=3", "train.scst_epochs=3", "train.select_metric=CIDEr", "train.patience=1",
                f"train.scst_patience={scst_patience}", "train.scst_batch_size=4", "train.scst_samples=3")
     training.fit(cfg, tmp_path / "run")
@@ -173,9 +173,9 @@ def test_patience_ends_cross_entropy_early_but_scst_only_with_its_own_patience(t
 def test_scst_starts_from_the_best_or_the_last_cross_entropy_epoch(tiny_data, tmp_path, monkeypatch, start):
     # The dev score peaks at the first of three cross-entropy epochs, so best.pt holds epoch 1 and the
     # model the last epoch leaves differs from it. SCST's first epoch must start from the one asked for.
-    real = training._dev_metrics
+    real = training.dev_metrics
     scores = iter([1.0] + [0.5] * 5)
-    monkeypatch.setattr(training, "_dev_metrics", lambda *a: {**real(*a), "CIDEr": next(scores)})
+    monkeypatch.setattr(training, "dev_metrics", lambda *a: {**real(*a), "CIDEr": next(scores)})
     after_xe, at_scst = {}, {}
     real_xe, real_scst = train_step.train_one_epoch, scst.scst_epoch
 

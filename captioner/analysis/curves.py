@@ -8,6 +8,7 @@ from pathlib import Path
 
 from captioner.atomic import atomic_write
 from captioner.errors import CaptionerError
+from captioner.run_layout import member_dirs
 
 log = logging.getLogger("captioner")
 
@@ -55,8 +56,7 @@ def _runs(run_dirs: list[Path]) -> list[tuple[Path, str]]:
     a note."""
     runs = []
     for run_dir in map(Path, run_dirs):
-        members = sorted((d for d in run_dir.glob("member-*") if d.name[7:].isdigit() and _has_epochs(d)),
-                         key=lambda d: int(d.name[7:]))
+        members = [d for d in member_dirs(run_dir) if _has_epochs(d)]
         if _has_epochs(run_dir):
             runs.append((run_dir, run_dir.name))
         elif members:

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from captioner.analysis import curves, gradient_flow, interpret
-from captioner.checkpoint import SINGLE_MODEL, load_model, pretrained_path
+from captioner import pretrained
+from captioner.checkpoint import load_model
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
 from captioner.vision.images import find_images, load_image
@@ -20,7 +21,7 @@ def gradient_flow_cmd(args: argparse.Namespace) -> int:
     if any(r <= 0 for r in args.spectral_radius or []):
         raise CaptionerError("--spectral-radius values must be positive")
     if args.checkpoint:
-        model = load_model(pretrained_path(args.checkpoint)).model
+        model = load_model(pretrained.resolve_one(args.checkpoint)).model
         models = [(f"{model.cfg.cell} (checkpoint)", model)]
     else:
         models = [(f"{cell} (init)", gradient_flow.fresh_model(cell, args.hidden)) for cell in args.cells]
@@ -36,7 +37,7 @@ def gradient_flow_cmd(args: argparse.Namespace) -> int:
 
 def cells_cmd(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
-    captioner = Captioner.from_checkpoint(args.checkpoint or SINGLE_MODEL)  # one decoder to look inside
+    captioner = Captioner.from_checkpoint(args.checkpoint or pretrained.SINGLE)  # one decoder to look inside
     encoder = captioner.encoder
     with torch.no_grad():
         features = encoder(torch.stack([encoder.preprocess(load_image(p)) for p in paths]))  # (N, F)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioner import pretrained
-from captioner.data.holdout import Holdout
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
 from captioner.commands import guards_of, rerank_of
 from captioner.errors import CaptionerError
@@ -17,6 +18,9 @@ from captioner.eval.gallery import check_page_path
 from captioner.eval.fluency import fluency_counts, format_fluency
 from captioner.eval.hallucination import format_hallucination, object_hallucination
 from captioner.eval.metrics import format_table, score_captions
+
+if TYPE_CHECKING:  # the command imports torch only once its arguments are checked
+    from captioner.checkpoint import LoadedModel
 
 log = logging.getLogger("captioner")
 
@@ -39,17 +43,16 @@ def pick_split(asked: str | None, present: set[str], data: str) -> str:
                          f"{', '.join(have) or 'no images'}); pass --split")
 
 
-def held_out_as_val(records: list[Record], paths: list[str], data: str) -> list[Record]:
-    """For data without a val split: the training images held out as dev when the checkpoint was trained
-    (recorded in it, see captioner.data.holdout) become its val split, and leave train. Unchanged when
-    the checkpoints record no such slice."""
-    from captioner import checkpoint
-
+def held_out_as_val(records: list[Record], files: Sequence[Path], loaded: LoadedModel, data: str) -> list[Record]:
+    """For data without a val split: the training images held out as dev when the checkpoints `files` were
+    trained (recorded in them, see captioner.data.holdout; `loaded` is the model they make, an ensemble's
+    members in the order of `files`) become its val split, and leave train. Unchanged when the checkpoints
+    record no such slice."""
     recorded = {}
-    for path in pretrained.resolve(paths):
-        raw = checkpoint.read(path).get("holdout")
-        if raw is not None:
-            recorded[path] = Holdout.from_dict(raw, str(path))
+    for path, member in zip(files, loaded.members or (loaded,)):
+        held = member.holdout(path)
+        if held is not None:
+            recorded[path] = held
     if not recorded:
         return records
     first, held = next(iter(recorded.items()))
@@ -93,13 +96,16 @@ def run(args: argparse.Namespace) -> int:
     from captioner.vision.features import extract_features
 
     all_records = load_records(args.data, format=args.format)
-    if not any(r.split == "val" for r in all_records):
-        all_records = held_out_as_val(all_records, args.checkpoint, args.data)
-    split = pick_split(args.split, {r.split for r in all_records}, str(args.data))
-    records = [r for r in all_records if r.split == split]
     device = resolve_device(args.device)
     precision = resolve(args.precision, device.type)
-    captioner = Captioner.from_checkpoints(args.checkpoint, device, precision=precision)
+    captioner = None
+    if not any(r.split == "val" for r in all_records):  # the model, loaded once, says which images were dev
+        captioner = Captioner.from_checkpoints(args.checkpoint, device, precision=precision)
+        all_records = held_out_as_val(all_records, pretrained.resolve(args.checkpoint), captioner.loaded, args.data)
+    split = pick_split(args.split, {r.split for r in all_records}, str(args.data))
+    records = [r for r in all_records if r.split == split]
+    if captioner is None:
+        captioner = Captioner.from_checkpoints(args.checkpoint, device, precision=precision)
     records = records[: args.limit or None]
     announce(precision, verbose_only=True)  # once the model and the split have loaded: a bad input stays one line
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir),

@@ -184,6 +184,11 @@ class CaptionScorer:
                         "(install a Java runtime for the official METEOR and tokenizer)")
             self._meteor_wanted = False
 
+    @property
+    def meteor(self):
+        """The running METEOR scorer (pycocoevalcap's Meteor, which holds the JVM); None while none runs."""
+        return self._meteor
+
     def __enter__(self) -> CaptionScorer:
         return self
 

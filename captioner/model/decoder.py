@@ -98,13 +98,13 @@ class CaptionDecoder(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     # ---- the image terms, computed once per caption -------------------------------------------------
-    def _image_inputs(self, features: torch.Tensor) -> list[torch.Tensor]:
+    def image_inputs(self, features: torch.Tensor) -> list[torch.Tensor]:
         """[(B, in_dim_l)] per layer: P_l v, added to every step's input of layer l."""
         if not self.inject:
             return []
         return [proj(features) for proj in self.image_in]
 
-    def _initial_hidden(self, features: torch.Tensor) -> list:
+    def initial_hidden(self, features: torch.Tensor) -> list:
         """Per layer: None (zeros), h_0 (B, H), or (h_0, c_0) for the LSTM."""
         B, H, L = features.shape[0], self.cfg.hidden_dim, self.cfg.num_layers
         if not self.init_from_image:
@@ -150,8 +150,8 @@ class CaptionDecoder(nn.Module):
         """
         x = self.drop(self.embed(inputs))  # (B, T, E)
         if hidden is None:
-            hidden = self._initial_hidden(features)
-        return self._layers(x, self._image_inputs(features), hidden, lengths)
+            hidden = self.initial_hidden(features)
+        return self._layers(x, self.image_inputs(features), hidden, lengths)
 
     def _layers(self, x: torch.Tensor, image_inputs: list[torch.Tensor], hidden: list,
                 lengths: torch.Tensor | None = None) -> tuple:
@@ -177,7 +177,7 @@ class CaptionDecoder(nn.Module):
         """One layer over x (B, T, d) from `hidden` -> (outputs (B, T, H), final state in the (B, H) layout)."""
         T = x.shape[1]
         if T == 1 and self.step_kernel == "cell" or _fused_lstm_unavailable(self.cfg.cell):
-            return self._cell_loop(layer, x, hidden, lengths)
+            return self.cell_loop(layer, x, hidden, lengths)
         if lengths is None or bool((lengths >= T).all()):
             y, last = layer(x, _to_kernel(hidden))
             return y, _from_kernel(last)
@@ -186,7 +186,7 @@ class CaptionDecoder(nn.Module):
         y, _ = pad_packed_sequence(y, batch_first=True, total_length=T)
         return y, _from_kernel(last)
 
-    def _cell_loop(self, layer: nn.Module, x: torch.Tensor, hidden, lengths: torch.Tensor | None = None) -> tuple:
+    def cell_loop(self, layer: nn.Module, x: torch.Tensor, hidden, lengths: torch.Tensor | None = None) -> tuple:
         """The layer's recurrence one step at a time through the cell function, on the layer's weights.
         With `lengths`, a row keeps its state once its steps are over and outputs zeros, as packed."""
         cell = _CELL_FNS[self.cfg.cell]
@@ -208,7 +208,7 @@ class CaptionDecoder(nn.Module):
     # ---- one step at a time, for search -------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> State:
         """The state before the first word: initial hidden states plus the cached image inputs."""
-        return self._flatten(self._initial_hidden(features), self._image_inputs(features))
+        return self._flatten(self.initial_hidden(features), self.image_inputs(features))
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (B,) previous words -> log-probabilities (B, V) of the next word, new state."""

@@ -33,7 +33,7 @@ import torch
 from captioner.atomic import atomic_write
 from captioner.errors import CaptionerError
 from captioner.model.ngrams import check_base, document_frequencies
-from captioner.vision.encoders import spec_with_defaults
+from captioner.vision.encoders import feature_differences, spec_with_defaults
 
 SUFFIX = ".knn"
 FOLDER_FILE = "neighbours" + SUFFIX  # the index of every checkpoint in a folder (a run directory)
@@ -147,11 +147,7 @@ class NeighbourIndex:
 
     def check_encoder(self, encoder: dict[str, Any], feature_dim: int, model: str | Path, where: str | Path) -> None:
         """Refuse, in one line, to serve a model whose image vectors are not the ones this index holds."""
-        a, b = spec_with_defaults(self.encoder), spec_with_defaults(dict(encoder))
-        differs = [f"{k}: {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in dict.fromkeys([*a, *b])
-                   if a.get(k) != b.get(k)]
-        if self.feature_dim != feature_dim:
-            differs.append(f"feature_dim: {self.feature_dim} vs {feature_dim}")
+        differs = feature_differences(self.encoder, encoder, feature_dims=(self.feature_dim, feature_dim))
         if differs:
             raise CaptionerError(f"{where}: the neighbour index was made with another encoder than {model} reads "
                                  f"(index vs model: {'; '.join(differs)}); rebuild it or remove it")

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from captioner.errors import CaptionerError
+from captioner.run_layout import BEST, LAST, member_dirs
 
 FOLDER = Path(__file__).resolve().parent
 
@@ -137,7 +138,7 @@ def resolve_one(name_or_path: str | Path | None) -> Path:
         return path
     if path.name != str(name_or_path) or path.suffix in (".pt", ".pth"):  # a path, not a name
         if path.is_dir():
-            inside = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), None)
+            inside = next((path / name for name in (BEST, LAST) if (path / name).is_file()), None)
             hint = f" (the checkpoint in it: {inside})" if inside else ""
             raise CaptionerError(f"{name_or_path}: is a directory, not a checkpoint file{hint}")
         raise CaptionerError(f"{name_or_path}: checkpoint not found")
@@ -174,12 +175,11 @@ def member_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir).expanduser()
     if not folder.is_dir():
         return []
-    members = sorted((d for d in folder.glob("member-*") if d.is_dir() and d.name[7:].isdigit()),
-                     key=lambda d: int(d.name[7:]))
-    unfinished = [str(d) for d in members if not (d / "best.pt").is_file()]
+    members = member_dirs(folder)
+    unfinished = [str(d) for d in members if not (d / BEST).is_file()]
     if unfinished:
-        raise CaptionerError(f"{folder}: ensemble members without a best.pt yet: {', '.join(unfinished)}")
-    return [d / "best.pt" for d in members]
+        raise CaptionerError(f"{folder}: ensemble members without a {BEST} yet: {', '.join(unfinished)}")
+    return [d / BEST for d in members]
 
 
 def _shipped_file(name: str) -> Path:

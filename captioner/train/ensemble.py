@@ -34,7 +34,7 @@ from captioner.device import resolve_device
 from captioner.errors import CaptionerError
 from captioner.precision import resolve as resolve_precision
 from captioner.train.loop import fit
-from captioner.train.run_dir import BEST, LAST
+from captioner.run_layout import BEST, LAST, member_dir as member_dir_of
 from captioner.train.sources import prepare_data
 from captioner.train.validate import evaluate
 
@@ -72,7 +72,7 @@ def fit_ensemble(cfg: Config | None, run_dir: Path, resume: bool = False) -> dic
     report = _read_report(run_dir)
     seconds = report.get("member_seconds", {})
     for i in range(1, M + 1):
-        member_dir = run_dir / f"member-{i}"
+        member_dir = member_dir_of(run_dir, i)
         member = member_config(cfg, i)
         started = (member_dir / LAST).is_file() or (member_dir / "config.toml").is_file()
         log.info("ensemble member %d of %d (train.seed %d): %s%s", i, M, member.train.seed, member_dir,
@@ -92,7 +92,7 @@ def fit_ensemble(cfg: Config | None, run_dir: Path, resume: bool = False) -> dic
 
 def _score(cfg: Config, run_dir: Path, M: int) -> dict[str, Any]:
     """The members' best checkpoints, one at a time and together, greedy on the dev split."""
-    paths = [run_dir / f"member-{i}" / BEST for i in range(1, M + 1)]
+    paths = [member_dir_of(run_dir, i) / BEST for i in range(1, M + 1)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise CaptionerError(f"{run_dir}: members without a best checkpoint: {', '.join(missing)}")

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from captioner import checkpoint
+from captioner import checkpoint, pretrained
 from captioner.config import Config, from_dict, load_config, parse_overrides, validate
 from captioner.data.records import Record
 from captioner.data.vocab import SPECIALS, Vocabulary, tokenize
 from captioner.errors import CaptionerError
+from captioner.vision.encoders import feature_differences
 
 log = logging.getLogger("captioner")
 
@@ -47,7 +48,7 @@ _MACHINE_KEYS = {"data": ("root", "cache_dir"), "train": ("init_from",)}
 def source_path(init_from: str) -> Path:
     """A checkpoint file, or a shipped model's name, as the file to read."""
     try:
-        return checkpoint.pretrained_path(init_from)
+        return pretrained.resolve_one(init_from)
     except CaptionerError as err:
         raise CaptionerError(f"--init-from {err}") from None
 
@@ -61,8 +62,8 @@ def recorded_name(init_from: str) -> str:
 def stored_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
     """The config a checkpoint was trained with: a training checkpoint's own, an exported model's provenance."""
     raw = ckpt.get("config")
-    if raw is None and isinstance(ckpt.get("provenance"), dict):
-        raw = ckpt["provenance"].get("config")
+    if raw is None and isinstance(ckpt.get(checkpoint.PROVENANCE), dict):
+        raw = ckpt[checkpoint.PROVENANCE].get("config")
     return raw if isinstance(raw, dict) else None
 
 
@@ -125,8 +126,8 @@ def load_init(cfg: Config) -> checkpoint.LoadedModel:
     path = source_path(cfg.train.init_from)
     loaded = checkpoint.build_model(checkpoint.read(path), path, expected=cfg.model)
     spec = loaded.encoder_spec()
-    differs = [f"encoder.{k}: {getattr(spec, k)} vs {getattr(cfg.encoder, k)}" for k in ENCODER_KEYS
-               if getattr(spec, k) != getattr(cfg.encoder, k)]
+    asked = {k: getattr(cfg.encoder, k) for k in ENCODER_KEYS}
+    differs = [f"encoder.{d}" for d in feature_differences(spec, asked, keys=ENCODER_KEYS)]
     if differs:
         raise CaptionerError(f"{path}: trained on other image features than the config asks for (checkpoint vs "
                              f"config): {'; '.join(differs)}")

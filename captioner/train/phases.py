@@ -53,6 +53,14 @@ class Trainer:
     def source(self) -> FeatureSource:
         return self.data.features
 
+    def reward_data(self) -> scst.RewardData:
+        """The training captions as self-critical training's reward reads them, gathered on first use."""
+        if self._reward_data is None:
+            train = self.data.train
+            self._reward_data = scst.RewardData([r.image for r in train], self.source.rows(train),
+                                                [list(r.captions) for r in train])
+        return self._reward_data
+
     def steps_per_epoch(self) -> int:
         sampler = BucketBatchSampler(self.train_set.lengths, self.cfg.train.batch_size, torch.Generator(),
                                      world=self.dist.world)
@@ -120,11 +128,8 @@ class ScstPhase:
         trainer.optimizer = torch.optim.AdamW(trainer.groups, lr=tc.scst_lr, weight_decay=tc.weight_decay)
 
     def run_epoch(self, trainer: Trainer, epoch: int, shuffle: torch.Generator) -> EpochResult:
-        tc, train = trainer.cfg.train, trainer.data.train
-        if trainer._reward_data is None:
-            trainer._reward_data = scst.RewardData([r.image for r in train], trainer.source.rows(train),
-                                                   [list(r.captions) for r in train])
-        result = scst.scst_epoch(trainer.model, trainer.source.train_array(), trainer._reward_data, trainer.vocab,
+        tc = trainer.cfg.train
+        result = scst.scst_epoch(trainer.model, trainer.source.train_array(), trainer.reward_data(), trainer.vocab,
                                  trainer.optimizer, tc, trainer.step, trainer.device, shuffle,
                                  desc=f"epoch {epoch + 1}/{trainer.total_epochs} (scst)",
                                  precision=trainer.precision)

@@ -27,10 +27,10 @@ from captioner.analysis.curves import plot_curves
 from captioner.atomic import atomic_write_text, remove_stale_temps
 from captioner.data.holdout import FILE_NAME as HOLDOUT_FILE
 from captioner.errors import CaptionerError
+from captioner.run_layout import BEST, CONFIG, LAST, member_dirs
 
 log = logging.getLogger("captioner")
 
-LAST, BEST, CONFIG = "last.pt", "best.pt", "config.toml"
 ENSEMBLE_REPORT = "ensemble.json"  # captioner.train.ensemble.REPORT
 # Every file a run writes into its directory, config.toml first.
 RUN_FILES = (CONFIG, "log.jsonl", "curves.png", BEST, LAST, HOLDOUT_FILE, ENSEMBLE_REPORT)
@@ -108,8 +108,7 @@ def _command() -> str:
 
 def members(run_dir: Path) -> list[Path]:
     """An ensemble run's member-i/ folders that are run directories of their own."""
-    return [d for d in sorted(Path(run_dir).glob("member-*"))
-            if d.name[7:].isdigit() and d.is_dir() and (d / CONFIG).is_file()]
+    return [d for d in member_dirs(run_dir) if (d / CONFIG).is_file()]
 
 
 def run_files(run_dir: Path) -> list[Path]:
@@ -136,10 +135,9 @@ def remove_run(run_dir: Path) -> list[Path]:
     for path in removed:
         path.unlink()
         remove_stale_temps(path)
-    for member in sorted(Path(run_dir).glob("member-*")):
-        if member.is_dir() and member.name[7:].isdigit():
-            try:
-                member.rmdir()
-            except OSError:  # holds something the run did not write: kept
-                pass
+    for member in member_dirs(run_dir):
+        try:
+            member.rmdir()
+        except OSError:  # holds something the run did not write: kept
+            pass
     return removed

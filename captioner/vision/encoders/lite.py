@@ -82,7 +82,7 @@ LITE2 = LiteVariant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet-lite2-pyt
                     "efficientnet-lite2-9656183e.pth")
 
 
-class _ConvBN(nn.Module):
+class ConvBN(nn.Module):
     """Conv (no bias) -> BatchNorm -> optional ReLU6, with TF "SAME" or symmetric padding."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
@@ -98,12 +98,13 @@ class _ConvBN(nn.Module):
         if self.tf_padding and self.kernel > 1:
             # TF "SAME": output = ceil(input / stride), and the odd pixel of padding goes to the bottom/right.
             # For a stride-2 3x3 conv on 224 that is (0 top/left, 1 bottom/right), not PyTorch's (1, 1).
-            pad_h = self._same_pad(x.shape[-2])
-            pad_w = self._same_pad(x.shape[-1])
+            pad_h = self.same_pad(x.shape[-2])
+            pad_w = self.same_pad(x.shape[-1])
             x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         return self.act(self.bn(self.conv(x)))
 
-    def _same_pad(self, size: int) -> int:
+    def same_pad(self, size: int) -> int:
+        """The total padding TF "SAME" adds along a side of `size` pixels (F.pad splits it, odd pixel last)."""
         out = -(-size // self.stride)  # ceil
         return max((out - 1) * self.stride + self.kernel - size, 0)
 
@@ -115,9 +116,9 @@ class _MBConv(nn.Module):
         super().__init__()
         mid = cin * expand
         # Block 0 has expand ratio 1 and no expand conv (the weights have no `_expand_conv` for it).
-        self.expand = _ConvBN(cin, mid, 1, tf_padding=tf_padding) if expand != 1 else None
-        self.depthwise = _ConvBN(mid, mid, kernel, stride, groups=mid, tf_padding=tf_padding)
-        self.project = _ConvBN(mid, cout, 1, act=False, tf_padding=tf_padding)  # linear bottleneck
+        self.expand = ConvBN(cin, mid, 1, tf_padding=tf_padding) if expand != 1 else None
+        self.depthwise = ConvBN(mid, mid, kernel, stride, groups=mid, tf_padding=tf_padding)
+        self.project = ConvBN(mid, cout, 1, act=False, tf_padding=tf_padding)  # linear bottleneck
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,8 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-def _weights_file(variant: LiteVariant) -> Path:
+def weights_file(variant: LiteVariant) -> Path:
+    """The installed file of a Lite variant's ImageNet weights; CaptionerError naming the package to install."""
     try:
         module = importlib.import_module(variant.module)
     except ImportError:
@@ -135,10 +137,6 @@ def _weights_file(variant: LiteVariant) -> Path:
     if not path.is_file():
         raise CaptionerError(f"{variant.name} weights file {path} is missing: reinstall {variant.package}")
     return path
-
-
-def _lite0_weights_file() -> Path:
-    return _weights_file(LITE0)
 
 
 # Preprocessing for the Lite0 weights, chosen by measurement (a one-off script, not kept):
@@ -196,15 +194,15 @@ class EfficientNetLite(Encoder):
         self.variant = variant
         self.spec = spec if spec is not None else lite_spec(variant)
         self.transform = pil_transform(self.spec)
-        weights = _weights_file(variant) if pretrained else None  # a missing package fails before any work
-        self.stem = _ConvBN(3, _LITE_STEM, 3, stride=2, tf_padding=tf_padding)
+        weights = weights_file(variant) if pretrained else None  # a missing package fails before any work
+        self.stem = ConvBN(3, _LITE_STEM, 3, stride=2, tf_padding=tf_padding)
         blocks, cin = [], _LITE_STEM
         for expand, kernel, stride, cout, repeats in variant.stages():
             for i in range(repeats):  # only the first block of a stage changes stride and width
                 blocks.append(_MBConv(cin, cout, expand, kernel, stride if i == 0 else 1, tf_padding))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.head = _ConvBN(cin, _LITE_HEAD, 1, tf_padding=tf_padding)
+        self.head = ConvBN(cin, _LITE_HEAD, 1, tf_padding=tf_padding)
         self.classifier = nn.Linear(_LITE_HEAD, 1000)
         # Channels-last: PyTorch's CPU depthwise and 1x1 convs run ~3x faster in NHWC (measured: 8.6 vs
         # 2.8 images/s at batch 32 on the shared 2-core box). Values are unchanged, only the layout; set

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import MISSING, dataclass, fields, replace
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import torch
@@ -60,8 +61,8 @@ class EncoderSpec:
         return cls(**values)
 
     def differences(self, other: EncoderSpec) -> list[str]:
-        """The names of the fields where `other` differs."""
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        """The names of the fields where `other` differs (feature_differences says how)."""
+        return [difference.split(":")[0] for difference in feature_differences(self, other)]
 
 
 POOLINGS = ("mean", "max", "meanmax")
@@ -78,6 +79,24 @@ def spec_key(spec: EncoderSpec) -> dict[str, Any]:
 def spec_with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """A spec dict as stored (in a checkpoint), with the fields it predates filled in at their defaults."""
     return {**{f.name: f.default for f in fields(EncoderSpec) if f.default is not MISSING}, **stored}
+
+
+def feature_differences(trained: EncoderSpec | Mapping[str, Any], other: EncoderSpec | Mapping[str, Any],
+                        keys: Sequence[str] | None = None,
+                        feature_dims: tuple[int, int] | None = None) -> list[str]:
+    """The one check of "is this the encoder the model was trained on": where the image features `other`
+    describes differ from those `trained` describes, as ["pooling: mean vs max", ...] ([]: the same).
+
+    Either is an EncoderSpec or a spec as stored (a checkpoint's, an index's, a config's encoder keys); a
+    field a stored spec predates counts at its default, one it lacks without a default is "absent". `keys`
+    compares only those fields; `feature_dims`, the lengths of v the two sides read, is compared last.
+    """
+    a, b = (spec_with_defaults(s.to_dict() if isinstance(s, EncoderSpec) else dict(s)) for s in (trained, other))
+    names = keys if keys is not None else dict.fromkeys([*a, *b])
+    found = [f"{k}: {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in names if a.get(k) != b.get(k)]
+    if feature_dims is not None and feature_dims[0] != feature_dims[1]:
+        found.append(f"feature_dim: {feature_dims[0]} vs {feature_dims[1]}")
+    return found
 
 
 _Builder = Callable[[], "Encoder"]
@@ -107,13 +126,24 @@ def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False,
     tags: v ends with the probabilities of the tag words that the encoder's ImageNet classifier gives the
     image (captioner.vision.tags), so a decoder sees what the classifier sees.
     """
-    if pooling not in POOLINGS:
-        raise CaptionerError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+    check_pooling(pooling)
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise CaptionerError(f"unknown encoder {name!r}{hint}; known: {', '.join(list_encoders())}")
-    encoder = _REGISTRY[name]()
+    return set_features(_REGISTRY[name](), flip_average=flip_average, pooling=pooling, tags=tags)
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise CaptionerError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+
+
+def set_features(encoder: Encoder, flip_average: bool = False, pooling: str = "mean",
+                 tags: bool = False) -> Encoder:
+    """`encoder` (as its builder made it: mean pooling, no flip, no tags) set to give the v these ask for
+    (see build_encoder), its spec saying so; -> the same encoder."""
+    check_pooling(pooling)
     if flip_average:
         encoder.spec = replace(encoder.spec, flip_average=True)
     if pooling != "mean":
@@ -123,7 +153,7 @@ def build_encoder(name: str = "efficientnet_lite0", flip_average: bool = False,
     if tags:
         if encoder.classifier is None or pooling == "max":
             why = "has no ImageNet classifier" if encoder.classifier is None else "keeps no mean-pooled v (pooling max)"
-            raise CaptionerError(f"encoder {name} {why}, so it cannot give tags")
+            raise CaptionerError(f"encoder {encoder.spec.name} {why}, so it cannot give tags")
         encoder.spec = replace(encoder.spec, tags=True, feature_dim=encoder.spec.feature_dim + len(tag_words()))
     return encoder
 
