@@ -9,14 +9,14 @@ step writes the caption.
 Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
 -> search (greedy, beam, sampling) -> metrics.
 
-Importing the package imports no torch: `Captioner`, `CaptionerError`, `Guards`, `Rerank` and the shipped
+Importing the package imports no torch: `Captioner`, `CaptionerError`, `Decoding`, `Guards`, `Rerank` and the shipped
 models' list are loaded on first use, so the
 `captioner` command answers --help at once.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Captioner", "CaptionerError", "Guards", "Rerank", "get_pretrained", "list_pretrained", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "Decoding", "Guards", "Rerank", "get_pretrained", "list_pretrained", "__version__"]
 
 
 def __getattr__(name: str):
@@ -28,21 +28,17 @@ def __getattr__(name: str):
         from captioner.errors import CaptionerError
 
         return CaptionerError
-    if name == "Guards":
-        from captioner.model.constraints import Guards
+    if name in ("Decoding", "Guards", "Rerank"):
+        from captioner.model import decoding
 
-        return Guards
+        return getattr(decoding, name)
     if name in ("list_pretrained", "get_pretrained"):
         from captioner import pretrained
 
         return getattr(pretrained, name)
-    if name == "Rerank":
-        from captioner.model.rerank import Rerank
-
-        return Rerank
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Guards", "Rerank", "get_pretrained",
+    return sorted(list(globals()) + ["Captioner", "CaptionerError", "Decoding", "Guards", "Rerank", "get_pretrained",
                                      "list_pretrained"])
