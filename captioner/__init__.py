@@ -6,8 +6,27 @@ step writes the caption.
     cap("photo.jpg")                             # -> "a dog runs through the grass"
     captioner.list_pretrained()                  # the shipped models' names (get_pretrained(NAME): the details)
 
-Data flows one way: data (records, vocabulary) -> features (encoders, cache) -> model (decoder)
--> search (greedy, beam, sampling) -> metrics.
+Data flows one way, one folder per stage, and no module imports a higher stage (tests/test_layout.py):
+
+    choices, config, precision, device      the settings: each setting's choices listed once (choices.py)
+    data/       records from any dataset layout, the vocabulary, the held-out dev slice
+    vision/     images -> encoders/ (CNNs by name) -> the feature cache (features.py)
+    model/      decoder.py (the RNN), ensemble.py; decoding.py: Decoding, how a caption is decoded (beam,
+                length, n-best, length penalty, Guards, Rerank); search.py drives any Searchable
+                (greedy, beam, sampling) under constraints.py's guards; rerank.py reranks the beam with
+                neighbours.py's index and scores confidence.py's confidence
+    eval/       metrics (BLEU, METEOR, ROUGE-L, CIDEr), fluency, hallucination, the gallery page
+    analysis/   gradient flow, interpretable cells, training curves
+    checkpoint.py, pretrained/              the file format, the model rebuild, the shipped models
+    train/      the training loop and its phases (cross-entropy, self-critical)
+    inference.py  Captioner: checkpoint -> encoder + decoder + vocabulary -> captions, given a Decoding
+    serve/      the HTTP app; batching.py groups requests by their Decoding
+    cli.py, commands/   the `captioner` command: cli.py parses (caption, evaluate and serve share the
+                model and decoding options, made into one Decoding by cli.decoding_of), commands/ runs
+
+A caption's path: `captioner caption` -> cli.decoding_of(args) -> Captioner.caption_images(paths,
+decoding) -> encoder -> caption_features -> constrained(decoding.guards) -> search.beam_search(...,
+decoding) -> rerank (decoding.rerank) -> the n-best.
 
 Importing the package imports no torch: `Captioner`, `CaptionerError`, `Decoding`, `Guards`, `Rerank` and the shipped
 models' list are loaded on first use, so the

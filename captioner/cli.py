@@ -72,10 +72,41 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "has native bf16, fp32 elsewhere")
 
 
-# The decoding options: each is one field of captioner.model.decoding.Decoding, whose defaults they show
-# (that module imports no torch). A new decoding setting is a field there and one option here.
-DECODING_OPTIONS = {"beam_size": "--beam-size", "max_len": "--max-len", "n_best": "--n-best",
-                    "length_penalty": "--length-penalty"}
+# The decoding options: each sets one field of captioner.model.decoding.Decoding ("guards.end": a field of
+# its Guards), whose default it shows (that module imports no torch). A new decoding setting is a field
+# there and one row here. The guards' defaults, the measured best: --no-repeat-ngram 0 --no-repeat-guard
+# --no-end-guard is plain search.
+DECODING_OPTIONS = [
+    ("--beam-size", "beam_size", {"type": int, "help": "beam width (1: greedy)"}),
+    ("--n-best", "n_best", {"type": int, "help": "captions per image, best first (at most the beam size)"}),
+    ("--length-penalty", "length_penalty",
+     {"type": float, "help": "beam search's GNMT length-normalisation alpha (0: summed log-probability)"}),
+    ("--max-len", "max_len", {"type": int, "help": "longest caption, in words"}),
+    ("--no-repeat-ngram", "guards.no_repeat_ngram",
+     {"type": int, "metavar": "N", "help": "no n-gram of N words twice in a caption, as Hugging Face's "
+                                           "no_repeat_ngram_size (0: off)"}),
+    ("--repeat-guard", "guards.repeat_word",
+     {"action": argparse.BooleanOptionalAction,
+      "help": "never the same word twice in a row (\"is is\"), which --no-repeat-ngram 2 lets through once"}),
+    ("--end-guard", "guards.end",
+     {"action": argparse.BooleanOptionalAction,
+      "help": "never end a caption on a determiner, preposition, conjunction or dangling adjective"}),
+    ("--rerank", "rerank.n_best",
+     {"type": int, "metavar": "N", "help": "rerank the beam's N best by consensus with the captions of the "
+                                           "nearest training images (0: off, the beam's own order); needs the "
+                                           "model's neighbour index"}),
+    ("--rerank-beam", "rerank.beam",
+     {"type": int, "metavar": "B", "help": "the beam width the reranked candidates come from (the beam widens "
+                                           "to it)"}),
+    ("--rerank-weight", "rerank.weight",
+     {"type": float, "metavar": "W", "help": "each candidate scores its log-probability per word + W x its "
+                                             "consensus (CIDEr-D)"}),
+    ("--rerank-k", "rerank.k", {"type": int, "metavar": "K", "help": "the nearest training images consulted"}),
+]
+
+
+def _dest(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
 
 
 def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> None:
@@ -83,46 +114,38 @@ def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> Non
     by decoding_of. n_best: offer --n-best (evaluate scores the best caption alone, so it has none)."""
     from captioner.model.decoding import Decoding
 
-    d = Decoding()
+    defaults = Decoding()
     g = p.add_argument_group("decoding")
-    g.add_argument("--beam-size", type=int, default=d.beam_size, help="beam width (1: greedy)")
-    if n_best:
-        g.add_argument("--n-best", type=int, default=d.n_best,
-                       help="captions per image, best first (at most the beam size)")
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty,
-                   help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
-    g.add_argument("--max-len", type=int, default=d.max_len, help="longest caption, in words")
-    # The decode-time fluency guards; their defaults are Guards(), the measured best.
-    # --no-repeat-ngram 0 --no-repeat-guard --no-end-guard: plain search.
-    g.add_argument("--no-repeat-ngram", type=int, default=d.guards.no_repeat_ngram, metavar="N",
-                   help="no n-gram of N words twice in a caption, as Hugging Face's no_repeat_ngram_size "
-                        "(0: off)")
-    g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=d.guards.repeat_word,
-                   help="never the same word twice in a row (\"is is\"), which --no-repeat-ngram 2 lets "
-                        "through once")
-    g.add_argument("--end-guard", action=argparse.BooleanOptionalAction, default=d.guards.end,
-                   help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
-    # Consensus reranking with the model's neighbour index; the defaults are Rerank().
-    g.add_argument("--rerank", type=int, default=d.rerank.n_best, metavar="N",
-                   help="rerank the beam's N best by consensus with the captions of the nearest training images "
-                        "(0: off, the beam's own order); needs the model's neighbour index")
-    g.add_argument("--rerank-beam", type=int, default=d.rerank.beam, metavar="B",
-                   help="the beam width the reranked candidates come from (the beam widens to it)")
-    g.add_argument("--rerank-weight", type=float, default=d.rerank.weight, metavar="W",
-                   help="each candidate scores its log-probability per word + W x its consensus (CIDEr-D)")
-    g.add_argument("--rerank-k", type=int, default=d.rerank.k, metavar="K",
-                   help="the nearest training images consulted")
+    for option, field, settings in DECODING_OPTIONS:
+        if option == "--n-best" and not n_best:
+            continue
+        default = defaults
+        for part in field.split("."):
+            default = getattr(default, part)
+        g.add_argument(option, default=default, **settings)
 
 
 def decoding_of(args: argparse.Namespace):
     """The Decoding that add_decoding_options' arguments describe, checked: a bad value is a CaptionerError
-    naming the option (`--beam-size must be at least 1, got 0`). Imports no torch."""
-    from captioner.model.decoding import Decoding, Guards, Rerank
+    naming the option (`--beam-size must be at least 1, got 0`). An option the command does not offer
+    keeps its default. Imports no torch."""
+    from captioner.model.decoding import Decoding
 
-    guards = Guards(no_repeat_ngram=args.no_repeat_ngram, repeat_word=args.repeat_guard, end=args.end_guard)
-    rerank = Rerank(n_best=args.rerank, weight=args.rerank_weight, k=args.rerank_k, beam=args.rerank_beam)
-    return Decoding(beam_size=args.beam_size, max_len=args.max_len, n_best=getattr(args, "n_best", 1),
-                    length_penalty=args.length_penalty, guards=guards, rerank=rerank, named=DECODING_OPTIONS)
+    defaults = Decoding()
+    top: dict = {}
+    parts: dict[str, dict] = {}  # "guards" -> the Guards fields given
+    for option, field, _ in DECODING_OPTIONS:
+        if not hasattr(args, _dest(option)):
+            continue
+        value = getattr(args, _dest(option))
+        if "." in field:
+            outer, inner = field.split(".")
+            parts.setdefault(outer, {})[inner] = value
+        else:
+            top[field] = value
+    for outer, values in parts.items():  # Guards(...), Rerank(...): each checks itself
+        top[outer] = type(getattr(defaults, outer))(**values)
+    return Decoding.of(None, **top, named={field: option for option, field, _ in DECODING_OPTIONS})
 
 
 def _caption(sub) -> None:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from captioner.cli import DECODING_OPTIONS, build_parser, decoding_of
+from captioner.cli import build_parser, decoding_of
 from captioner.errors import CaptionerError
 from captioner.model.decoding import Decoding, Guards, Rerank
 

@@ -11,18 +11,19 @@ a Decoding that exists is valid. Where it is built:
 
 - the command line: captioner.cli.add_decoding_options adds the options that `caption`, `evaluate` and
   `serve` share (their defaults read from `Decoding()`), and captioner.cli.decoding_of turns the parsed
-  arguments into one, whose errors name the options (`--beam-size must be at least 1, got 0`);
+  arguments into one (`Decoding.of(..., named=...)`), whose errors name the options (`--beam-size must be at least 1, got 0`);
 - `captioner serve`'s form: the server's Decoding with the request's beam_size and n_best replaced;
 - the Python API: `Captioner.__call__`'s keywords (and caption_features' and beam_search's) are its fields.
 
-A new decoding setting is one more field here (with its default and its rule) and one more option in
-captioner.cli.add_decoding_options.
+A new decoding setting is one more field here (with its default and its rule) and one more row of
+captioner.cli.DECODING_OPTIONS (its option, the field it sets, its help): the option then appears in
+`caption`, `evaluate` and `serve`, shows this default, and reaches the Decoding they build.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, fields
 
 from captioner.errors import CaptionerError
 
@@ -117,16 +118,18 @@ class Decoding:
         self.rerank.check()
 
     @classmethod
-    def of(cls, decoding: Decoding | None = None, **settings) -> Decoding:
-        """`decoding` (default: the defaults) with the fields named in `settings` replaced, checked."""
+    def of(cls, decoding: Decoding | None = None, named: Mapping[str, str] | None = None,
+           **settings) -> Decoding:
+        """`decoding` (default: the defaults) with the fields named in `settings` replaced, checked (errors
+        naming the fields as `named` says)."""
         base = decoding if decoding is not None else cls()
         if not settings:
             return base
-        values = {f: getattr(base, f) for f in cls.__dataclass_fields__ if f != "named"}
+        values = {f.name: getattr(base, f.name) for f in fields(cls)}
         unknown = sorted(set(settings) - set(values))
         if unknown:
             raise TypeError(f"unknown decoding setting(s): {', '.join(unknown)}")
-        return cls(**{**values, **settings})
+        return cls(**{**values, **settings}, named=named)
 
 
 DEFAULT = Decoding()  # the defaults, for signatures that take one setting alone (greedy's max_len)

@@ -2,7 +2,7 @@
 
     batcher = Batcher(captioner, max_batch=16, max_wait_ms=10)
     await batcher.start()
-    hypotheses = await batcher.caption(image, Decoding(beam_size=3))   # from any request handler
+    hypotheses = await batcher.caption(image, Decoding(beam_size=5))   # from any request handler
     await batcher.stop()
 
 One worker task takes the first waiting image, then waits up to `max_wait_ms` for more (never past
