@@ -4,10 +4,11 @@
         [--checkpoint NAME_OR_FILE ...] [--variants 'off;copy;must=0.5;copy=0.1,must=0.5'] [--cache cache] [--json OUT]
     python3 benchmarks/open_vocab.py --fit-copy --flickr8k ../shared/datasets/flickr8k [--checkpoint ...]
 
-Variants (captioner.model.open_vocab.OpenVocab settings, beam 3, the default guards and reranking, as
-`captioner evaluate` decodes): "off" (the caption vocabulary alone), "copy" (the tags mixed into the
-next-word distribution with the default copy weight), and any settings of OpenVocab as "copy=W,must=P"
-(must: constrained search for a tag at least P probable; a setting not named is OpenVocab's default). For each: BLEU-1, BLEU-4, CIDEr
+Variants (captioner.model.decoding.OpenVocab settings, beam 3, the default guards and reranking, as
+`captioner evaluate` decodes): "off" (the caption vocabulary alone), "default" (OpenVocab()), and any
+settings of OpenVocab as "copy=W,must=P,floor=F" (copy: the tags mixed into the next-word distribution;
+must: constrained search for a tag at least P probable; floor: the check of "dog" and the other checked
+words; a setting not named keeps OpenVocab's default, so name all three to compare them). For each: BLEU-1, BLEU-4, CIDEr
 (COCO caption evaluation x100, no METEOR), CHAIR-i, CHAIR-s, captions saying "dog" and of those wrong, and
 the words beyond the caption vocabulary said / said correctly (the word is in a reference), and the fluency
 counts (captions with a bad ending, with a word repeated).
@@ -33,7 +34,8 @@ from captioner.eval.hallucination import object_hallucination
 from captioner.eval.metrics import score_captions
 from captioner.inference import Captioner
 from captioner.model.constraints import Guards
-from captioner.model.open_vocab import OpenVocab, OpenVocabulary
+from captioner.model.decoding import OpenVocab
+from captioner.model.open_vocab import OpenVocabulary
 from captioner.model.rerank import Rerank
 from captioner.precision import FP32
 from captioner.vision.features import extract_features
@@ -43,7 +45,7 @@ from captioner.vision.tags import word_probabilities
 def variant(name: str) -> OpenVocab:
     if name == "off":
         return OpenVocab.off()
-    if name == "copy":
+    if name == "default":
         return OpenVocab()
     settings = {}
     for part in name.split(","):

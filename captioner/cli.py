@@ -22,10 +22,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from captioner import __version__, allocator
+from captioner import __version__, allocator, choices
 from captioner.errors import CaptionerError
 
-DEVICES = ("auto", "cpu", "cuda")  # captioner.device.DEVICES, spelt out so that --help imports no torch
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -59,44 +58,107 @@ def run_main(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-def _decoding(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", action="append", default=[],
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which model decodes, on what, in which precision: `caption`, `evaluate` and `serve` share these."""
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", action="append", default=[],
                    help="a checkpoint from `captioner train` or a shipped model's name (flickr8k: the single "
                         "GRU, fastest); give it more than once for the ensemble of those models (default: the "
                         "shipped ensemble of flickr8k, flickr8k-2 and flickr8k-3)")
-    p.add_argument("--beam-size", type=int, default=3, help="beam width (1: greedy)")
-    p.add_argument("--length-penalty", type=float, default=0.0,
-                   help="beam search's GNMT length-normalisation alpha (0: summed log-probability)")
-    p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
-    p.add_argument("--device", default="auto", choices=DEVICES,
+    g.add_argument("--device", default="auto", choices=choices.DEVICES,
                    help="where the model runs (auto: a GPU when there is one)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    g.add_argument("--precision", choices=choices.PRECISIONS, default=choices.DEFAULT_PRECISION,
                    help="matrix multiplies in bf16 or fp32; auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU "
                         "has native bf16, fp32 elsewhere")
-    # The decode-time fluency guards; their defaults are captioner.model.constraints.Guards() (a test keeps
-    # the two equal), the measured best. --no-repeat-ngram 0 --no-repeat-guard --no-end-guard: plain search.
-    p.add_argument("--no-repeat-ngram", type=int, default=2, metavar="N",
-                   help="no n-gram of N words twice in a caption, as Hugging Face's no_repeat_ngram_size "
-                        "(0: off)")
-    p.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="never the same word twice in a row (\"is is\"), which --no-repeat-ngram 2 lets "
-                        "through once")
-    p.add_argument("--end-guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="never end a caption on a determiner, preposition, conjunction or dangling adjective")
-    _reranking(p)
 
 
-def _reranking(p: argparse.ArgumentParser) -> None:
-    """Consensus reranking with the model's neighbour index; the defaults are captioner.model.rerank.Rerank()
-    (a test keeps the two equal), spelt out so that --help imports no torch."""
-    p.add_argument("--rerank", type=int, default=8, metavar="N",
-                   help="rerank the beam's N best by consensus with the captions of the nearest training images "
-                        "(0: off, the beam's own order); needs the model's neighbour index")
-    p.add_argument("--rerank-beam", type=int, default=10, metavar="B",
-                   help="the beam width the reranked candidates come from (the beam widens to it)")
-    p.add_argument("--rerank-weight", type=float, default=1.5, metavar="W",
-                   help="each candidate scores its log-probability per word + W x its consensus (CIDEr-D)")
-    p.add_argument("--rerank-k", type=int, default=10, metavar="K", help="the nearest training images consulted")
+# The decoding options: each sets one field of captioner.model.decoding.Decoding ("guards.end": a field of
+# its Guards), whose default it shows (that module imports no torch). A new decoding setting is a field
+# there and one row here. The guards' defaults, the measured best: --no-repeat-ngram 0 --no-repeat-guard
+# --no-end-guard is plain search.
+DECODING_OPTIONS = [
+    ("--beam-size", "beam_size", {"type": int, "help": "beam width (1: greedy)"}),
+    ("--n-best", "n_best", {"type": int, "help": "captions per image, best first (at most the beam size)"}),
+    ("--length-penalty", "length_penalty",
+     {"type": float, "help": "beam search's GNMT length-normalisation alpha (0: summed log-probability)"}),
+    ("--max-len", "max_len", {"type": int, "help": "longest caption, in words"}),
+    ("--no-repeat-ngram", "guards.no_repeat_ngram",
+     {"type": int, "metavar": "N", "help": "no n-gram of N words twice in a caption, as Hugging Face's "
+                                           "no_repeat_ngram_size (0: off)"}),
+    ("--repeat-guard", "guards.repeat_word",
+     {"action": argparse.BooleanOptionalAction,
+      "help": "never the same word twice in a row (\"is is\"), which --no-repeat-ngram 2 lets through once"}),
+    ("--end-guard", "guards.end",
+     {"action": argparse.BooleanOptionalAction,
+      "help": "never end a caption on a determiner, preposition, conjunction or dangling adjective"}),
+    ("--rerank", "rerank.n_best",
+     {"type": int, "metavar": "N", "help": "rerank the beam's N best by consensus with the captions of the "
+                                           "nearest training images (0: off, the beam's own order); needs the "
+                                           "model's neighbour index"}),
+    ("--rerank-beam", "rerank.beam",
+     {"type": int, "metavar": "B", "help": "the beam width the reranked candidates come from (the beam widens "
+                                           "to it)"}),
+    ("--rerank-weight", "rerank.weight",
+     {"type": float, "metavar": "W", "help": "each candidate scores its log-probability per word + W x its "
+                                             "consensus (CIDEr-D)"}),
+    ("--rerank-k", "rerank.k", {"type": int, "metavar": "K", "help": "the nearest training images consulted"}),
+    ("--open-vocab", "open_vocab.enabled",
+     {"action": argparse.BooleanOptionalAction,
+      "help": "use the encoder's ImageNet tags: they may name what the caption vocabulary lacks and check what "
+              "it says (--no-open-vocab: the caption vocabulary alone)"}),
+    ("--tag-copy", "open_vocab.copy",
+     {"type": float, "metavar": "W", "help": "share of the decoder's object-word probability given to the "
+                                             "photo's tags (0: off)"}),
+    ("--tag-must", "open_vocab.must",
+     {"type": float, "metavar": "P", "help": "a tag at least P probable must be said, by constrained beam "
+                                             "search (0: off)"}),
+    ("--tag-floor", "open_vocab.floor",
+     {"type": float, "metavar": "F", "help": "\"dog\" (and the other checked words) with a tag below F is "
+                                             "penalised by tag / F (0: off)"}),
+]
+
+
+def _dest(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
+
+
+def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> None:
+    """How captions are decoded: the options `caption`, `evaluate` and `serve` share, turned into a Decoding
+    by decoding_of. n_best: offer --n-best (evaluate scores the best caption alone, so it has none)."""
+    from captioner.model.decoding import Decoding
+
+    defaults = Decoding()
+    g = p.add_argument_group("decoding")
+    for option, field, settings in DECODING_OPTIONS:
+        if option == "--n-best" and not n_best:
+            continue
+        default = defaults
+        for part in field.split("."):
+            default = getattr(default, part)
+        g.add_argument(option, default=default, **settings)
+
+
+def decoding_of(args: argparse.Namespace):
+    """The Decoding that add_decoding_options' arguments describe, checked: a bad value is a CaptionerError
+    naming the option (`--beam-size must be at least 1, got 0`). An option the command does not offer
+    keeps its default. Imports no torch."""
+    from captioner.model.decoding import Decoding
+
+    defaults = Decoding()
+    top: dict = {}
+    parts: dict[str, dict] = {}  # "guards" -> the Guards fields given
+    for option, field, _ in DECODING_OPTIONS:
+        if not hasattr(args, _dest(option)):
+            continue
+        value = getattr(args, _dest(option))
+        if "." in field:
+            outer, inner = field.split(".")
+            parts.setdefault(outer, {})[inner] = value
+        else:
+            top[field] = value
+    for outer, values in parts.items():  # Guards(...), Rerank(...): each checks itself
+        top[outer] = type(getattr(defaults, outer))(**values)
+    return Decoding.of(None, **top, named={field: option for option, field, _ in DECODING_OPTIONS})
 
 
 def _caption(sub) -> None:
@@ -107,9 +169,8 @@ image gets K lines `path<TAB>score<TAB>caption`, best first. --html writes a pag
 with their captions. A file that cannot be read gets a one-line error on stderr and the rest are
 still captioned; the exit status is 1 if any image failed.""")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
-    _decoding(p)
-    p.add_argument("--n-best", type=int, default=1,
-                   help="captions per image, best first (at most the beam size)")
+    add_model_options(p)
+    add_decoding_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON list with n-best captions and scores")
     p.add_argument("--html", metavar="OUT.html",
                    help="also write a gallery page: each image's thumbnail with its captions (thumbnails go "
@@ -168,7 +229,8 @@ scores plus the totals; with --html, a gallery page of every scored image with i
 references and scores, worst CIDEr first. Without --split it scores the test split when the
 data has one, else val (and says so). On data without a val split (coco-mini, your own photos)
 val is the slice of training images that --checkpoint held out as dev when it was trained.""")
-    _decoding(p)
+    add_model_options(p)
+    add_decoding_options(p, n_best=False)
     p.add_argument("--data", required=True, help="dataset root, any layout the readers know")
     p.add_argument("--format", default="auto", help="force the dataset format (auto: detected)")
     p.add_argument("--split", help="train, val (or dev), test (default: test when the data has one, else val); on "
@@ -197,7 +259,7 @@ ranks the top layer's units by correlation with word position, noun phrases, col
 a determiner"; writes DIR/cells.png (units x words) and DIR/cells.html.
 
 runs: a markdown table of training runs, each at its best epoch.""")
-    cells = ("rnn", "lstm", "gru")  # captioner.config.CELLS, spelt out so that --help imports nothing
+    cells = choices.CELLS
     what = p.add_subparsers(dest="analysis", required=True)
     g = what.add_parser("gradient-flow", help="||dL/dh_t|| against the distance from the loss",
                         formatter_class=_Formatter)
@@ -243,7 +305,7 @@ def _serve(sub) -> None:
 
     GET  /          a page to drop or pick photos and see their captions
     POST /caption   multipart field `image`, or `url` (an http(s) address the server downloads);
-                    optional fields beam_size, n_best
+                    optional fields beam_size, n_best (default: --beam-size, --n-best)
                     -> {"caption": ..., "confidence": ..., "n_best": [{"caption": ..., "score": ...,
                         "consensus": ..., "confidence": ...}, ...]} (confidence: with a neighbour index)
     GET  /health    {"status": "ok", ...}
@@ -255,13 +317,8 @@ Retry-After. Only requests naming this server (Host) from its own page or no pag
 served: --allow-host and --allow-origin add others.""")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
-    p.add_argument("--checkpoint", action="append", default=[],
-                   help="a checkpoint from `captioner train` or a shipped model's name; give it more than once "
-                        "for an ensemble (default: the shipped ensemble of flickr8k, flickr8k-2 and flickr8k-3)")
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="where the model runs (auto: a GPU when there is one)")
-    p.add_argument("--beam-size", type=int, default=3, help="default beam width of a request")
-    p.add_argument("--max-len", type=int, default=20, help="longest caption, in words")
+    add_model_options(p)
+    add_decoding_options(p)  # a request's decoding; its form may ask for another beam_size and n_best
     p.add_argument("--max-batch", type=int, default=16, help="most images captioned in one forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for others (0: no batching)")
@@ -280,7 +337,6 @@ served: --allow-host and --allow-origin add others.""")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a host name the server may be reached by besides 127.0.0.1, localhost and --host "
                         "(needed with --host 0.0.0.0: the machine's name or address); repeatable")
-    _reranking(p)
 
 
 COMMANDS = {"caption": _caption, "models": _models, "train": _train, "evaluate": _evaluate, "analyze": _analyze, "export": _export, "serve": _serve}

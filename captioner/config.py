@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.choices import CELLS, CONDITIONING, DEFAULT_PRECISION, DEVICES, POOLINGS, PRECISIONS
 from captioner.errors import CaptionerError
 
-CELLS = ("rnn", "lstm", "gru")
-CONDITIONING = ("inject", "init", "both")
 SELECT_METRICS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "loss")
 DATA_FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "imagefolder")
-PRECISIONS = ("auto", "fp32", "bf16")  # captioner.precision.PRECISIONS (config.py imports no torch)
 NEW_WORDS = ("unk", "mean", "off")  # how a fine-tuned model's new words start (captioner.train.init_from)
-POOLINGS = ("mean", "max", "meanmax")  # as captioner.vision.encoders.registry.POOLINGS (config imports no torch)
 
 
 @dataclass(frozen=True)
@@ -112,7 +109,7 @@ class TrainConfig:
     # photos but on no held-out one, and cost CIDEr (docs/results.md), so the default is 1.
     new_words_lr_scale: float = 1.0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
+    precision: str = DEFAULT_PRECISION  # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
 
 
 @dataclass(frozen=True)
@@ -174,7 +171,7 @@ def validate(cfg: Config) -> Config:
         (t.new_words in NEW_WORDS, f"train.new_words must be one of {', '.join(NEW_WORDS)}, got {t.new_words!r}"),
         (t.new_words_lr_scale > 0 and math.isfinite(t.new_words_lr_scale),
          f"train.new_words_lr_scale must be positive, got {t.new_words_lr_scale}"),
-        (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+        (t.device in DEVICES, f"train.device must be auto, cpu or cuda, got {t.device!r}"),
         (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"),
         (cfg.encoder.fine_tune >= 0, f"encoder.fine_tune must be 0 (frozen) or positive, got {cfg.encoder.fine_tune}"),
         (cfg.encoder.pooling in POOLINGS,

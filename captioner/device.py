@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from captioner.choices import DEVICES  # noqa: F401 (the names resolve_device takes, besides "cuda:N")
 from captioner.errors import CaptionerError
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -24,12 +24,15 @@ from captioner.vision.images import as_image, load_image
 from captioner.vision.tags import tag_words, word_probabilities, word_rows
 from captioner.model.search import Hypothesis, beam_search, captioning_policy
 from captioner.precision import Precision, resolve
+from captioner.precision import default as default_precision
+from captioner.choices import DEFAULT_PRECISION
 from captioner.checkpoint import default_checkpoint, default_checkpoints  # noqa: F401 (re-exported)
 from captioner.eval import fluency
-from captioner.model.constraints import EndGuard, Guards, NoRepeatNgram, NoRepeatWord
+from captioner.model.constraints import EndGuard, NoRepeatNgram, NoRepeatWord
+from captioner.model.decoding import Decoding, Guards, Rerank  # noqa: F401 (Rerank re-exported)
 from captioner.model.neighbours import NeighbourIndex, find_index
-from captioner.model.open_vocab import OpenVocab, OpenVocabulary, TagVocabulary, constrained_beam_search
-from captioner.model.rerank import Judged, Rerank
+from captioner.model.open_vocab import OpenVocabulary, TagVocabulary, constrained_beam_search
+from captioner.model.rerank import Judged
 
 log = logging.getLogger("captioner")
 
@@ -49,7 +52,7 @@ class Captioner:
         self.loaded = loaded  # keeps the stored encoder spec and any fine-tuned encoder weights
         self.device = device or torch.device("cpu")
         # The CNN's and the decoder's GEMMs run in this precision; beam scores stay fp32.
-        self.precision = precision or resolve("fp32", self.device)
+        self.precision = precision or default_precision(self.device)  # none named: auto, as the commands
         self.model.to(self.device).eval()
         self._encoder: Encoder | None = None
         self.searchable = captioning_policy(self.model, self.vocab)
@@ -89,7 +92,7 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | Sequence[str | Path] | None = None,
-                        device: str | torch.device = "auto", precision: str = "auto") -> Captioner:
+                        device: str | torch.device = "auto", precision: str = DEFAULT_PRECISION) -> Captioner:
         """The shipped default (None), a shipped model's name ("flickr8k": the single GRU, the fastest), a
         checkpoint file from `captioner train`, or a list of those for an ensemble.
 
@@ -155,37 +158,32 @@ class Captioner:
         return model
 
     @torch.no_grad()
-    def caption_features(self, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
-                         n_best: int = 1, batch_size: int = 100, length_penalty: float = 0.0,
-                         guards: Guards = Guards(), rerank: Rerank = Rerank(),
-                         open_vocab: OpenVocab = OpenVocab.off()) -> list[list[Hypothesis]]:
+    def caption_features(self, features: torch.Tensor, decoding: Decoding | None = None, batch_size: int = 100,
+                         **settings) -> list[list[Hypothesis]]:
         """features (N, F) image vectors -> the n-best hypotheses for each image.
 
-        length_penalty: beam search's GNMT alpha (0: rank by the summed log-probability).
-        guards: the decode-time fluency constraints (captioner.model.constraints.Guards); the default, no
-        bigram twice, no word twice in a row and no dangling ending, measured best on the shipped model.
-        `Guards.off()` is plain beam search.
-        rerank: with a neighbour index, the beam is widened to rerank.beam and its rerank.n_best best are reranked
-        by consensus with the nearest training images (captioner.model.rerank; `Rerank.off()`: the beam's
-        order); every hypothesis then carries its consensus, confidence and the photo's neighbours.
-        open_vocab: the encoder's tags in the next-word distribution (captioner.model.open_vocab), so the
-        caption may name what the caption vocabulary lacks; every hypothesis then carries its tags.
+        decoding (captioner.model.decoding.Decoding; default: Decoding()): the beam, its length and n-best,
+        the length penalty, the fluency guards (the default, no bigram twice, no word twice in a row and
+        no dangling ending, measured best on the shipped model; `Guards.off()`: plain beam search) and the
+        consensus reranking: with a neighbour index, the beam is widened to rerank.beam and its
+        rerank.n_best best are reranked by consensus with the nearest training images
+        (captioner.model.rerank; `Rerank.off()`: the beam's order); every hypothesis then carries its
+        consensus, confidence and the photo's neighbours; and the open vocabulary: the encoder's tags in the
+        next-word distribution (captioner.model.open_vocab), so that a caption may name what the caption
+        vocabulary lacks, each hypothesis then carrying the tags it says. `settings`: Decoding fields as
+        keywords (beam_size=5), replacing those of `decoding`.
         """
+        decoding = Decoding.of(decoding, **settings)
+        open_vocab = decoding.open_vocab
         tag_vocab = self.tag_vocab if open_vocab.on else None
-        if length_penalty < 0:
-            raise CaptionerError(f"length penalty must be 0 (off) or positive, got {length_penalty}")
-        if beam_size < 1:
-            raise CaptionerError(f"beam size must be at least 1, got {beam_size}")
-        if n_best > beam_size:
-            raise CaptionerError(f"n-best ({n_best}) cannot exceed the beam size ({beam_size})")
         if features.shape[-1] != self.model.feature_dim:
             raise CaptionerError(f"features have {features.shape[-1]} dimensions; the model expects "
                                  f"{self.model.feature_dim}")
-        rerank.check()
-        beam, candidates = beam_size, n_best
+        rerank, n_best = decoding.rerank, decoding.n_best
+        search = decoding
         if self.judged is not None and rerank.n_best:
-            beam = max(beam_size, rerank.beam, rerank.n_best)
-            candidates = max(n_best, rerank.n_best)
+            search = replace(decoding, beam_size=max(decoding.beam_size, rerank.beam, rerank.n_best),
+                             n_best=max(n_best, rerank.n_best))
         out: list[list[Hypothesis]] = []
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size].to(self.device, torch.float32)
@@ -193,13 +191,12 @@ class Captioner:
             if tag_vocab is not None:
                 tag_probs = word_probabilities(self.encoder, chunk)
                 searchable = OpenVocabulary(searchable, tag_vocab, tag_probs, open_vocab, self.vocab.end_id)
-            searchable = self.constrained(guards, searchable)
+            searchable = self.constrained(decoding.guards, searchable)
             with self.precision.autocast():
-                found = beam_search(searchable, chunk, beam_size=beam, max_len=max_len, n_best=candidates,
-                                    length_penalty=length_penalty, start_id=self.vocab.start_id,
+                found = beam_search(searchable, chunk, search, start_id=self.vocab.start_id,
                                     end_id=self.vocab.end_id)
                 if tag_probs is not None and open_vocab.must > 0:
-                    self._say_required(guards, chunk, open_vocab, tag_probs, found, beam, max_len, candidates)
+                    self._say_required(search, chunk, tag_probs, found)
             if self.judged is not None:
                 found = self.judged(chunk, found, self._consensus_words, rerank,
                                     self._tag_probabilities(chunk) if tag_probs is None else tag_probs)
@@ -220,11 +217,11 @@ class Captioner:
         except CaptionerError:  # no classifier, or no mean-pooled feature: no confidence
             return None
 
-    def _say_required(self, guards: Guards, features, open_vocab: OpenVocab, tag_probs, found, beam: int,
-                      max_len: int, candidates: int) -> None:
+    def _say_required(self, search: Decoding, features, tag_probs, found) -> None:
         """Replace, in place, the hypotheses of the images with a tag at least open_vocab.must probable that
         their best caption does not say by those of constrained search, which must say it (an image where
         it cannot fit keeps its own)."""
+        open_vocab = search.open_vocab
         must = OpenVocabulary(None, self.tag_vocab, tag_probs, open_vocab, self.vocab.end_id).required()
         for row, hyps in enumerate(found):  # a caption that already says its tag keeps its own search
             if int(must[row]) >= 0 and hyps and int(must[row]) in hyps[0].tokens:
@@ -233,8 +230,9 @@ class Captioner:
         if not len(rows):
             return
         picked = OpenVocabulary(self.searchable, self.tag_vocab, tag_probs[rows], open_vocab, self.vocab.end_id)
-        said = constrained_beam_search(self.constrained(guards, picked), features[rows], must[rows], beam_size=beam, max_len=max_len,
-                                       n_best=candidates, start_id=self.vocab.start_id, end_id=self.vocab.end_id)
+        said = constrained_beam_search(self.constrained(search.guards, picked), features[rows], must[rows],
+                                       beam_size=search.beam_size, max_len=search.max_len, n_best=search.n_best,
+                                       start_id=self.vocab.start_id, end_id=self.vocab.end_id)
         for row, hyps in zip(rows.tolist(), said):
             if hyps:
                 found[row] = hyps
@@ -271,11 +269,11 @@ class Captioner:
         return out
 
     @torch.no_grad()
-    def caption_images(self, paths: Sequence[Path], beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                       batch_size: int = 16, length_penalty: float = 0.0, guards: Guards = Guards(),
-                       rerank: Rerank = Rerank()):
+    def caption_images(self, paths: Sequence[Path], decoding: Decoding | None = None, batch_size: int = 16,
+                       **settings):
         """Yield (path, Captioned) for each readable image and (path, CaptionerError) for each bad one,
-        in the order given; one bad file never stops the others."""
+        in the order given; one bad file never stops the others. decoding, settings: as caption_features."""
+        decoding = Decoding.of(decoding, **settings)
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
             images, ok, results = [], [], {}
@@ -286,9 +284,7 @@ class Captioner:
                 except CaptionerError as err:
                     results[path] = err
             if images:
-                hyps = self.caption_pil(images, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                        length_penalty=length_penalty, batch_size=len(images), guards=guards,
-                                        rerank=rerank)
+                hyps = self.caption_pil(images, decoding, batch_size=len(images))
                 for path, h in zip(ok, hyps):
                     results[path] = Captioned(Path(path), h, self.text(h[0]))
             for path in chunk:
@@ -296,52 +292,49 @@ class Captioner:
 
     # ---- the Python API: cap(x) -------------------------------------------------------------------------
     @torch.no_grad()
-    def caption_pil(self, images: Sequence, beam_size: int = 3, max_len: int = 20, n_best: int = 1,
-                    length_penalty: float = 0.0, batch_size: int = 16,
-                    guards: Guards = Guards(), rerank: Rerank = Rerank()) -> list[list[Hypothesis]]:
-        """RGB PIL images (already decoded: see captioner.vision.images) -> the n-best for each, batched."""
+    def caption_pil(self, images: Sequence, decoding: Decoding | None = None, batch_size: int = 16,
+                    **settings) -> list[list[Hypothesis]]:
+        """RGB PIL images (already decoded: see captioner.vision.images) -> the n-best for each, batched.
+        decoding, settings: as caption_features."""
+        decoding = Decoding.of(decoding, **settings)
         out: list[list[Hypothesis]] = []
         for i in range(0, len(images), batch_size):
             x = torch.stack([self.encoder.preprocess(img) for img in images[i:i + batch_size]])
             with self.precision.autocast():
                 feats = self.encoder(x.to(self.device)).float()
-            out.extend(self.caption_features(feats, beam_size=beam_size, max_len=max_len, n_best=n_best,
-                                             length_penalty=length_penalty, guards=guards, rerank=rerank))
+            out.extend(self.caption_features(feats, decoding))
         return out
 
-    def __call__(self, images, n_best: int | None = None, beam_size: int | None = None, max_len: int = 20,
-                 length_penalty: float = 0.0, batch_size: int = 16, guards: Guards = Guards(),
-                 rerank: Rerank = Rerank()):
+    def __call__(self, images, n_best: int | None = None, batch_size: int = 16, decoding: Decoding | None = None,
+                 **settings):
         """Caption one image or a list of them.
 
         An image is a path, a PIL image, an (H, W, 3) uint8 numpy array or a (3, H, W) tensor. One image
         gives its caption (a str); a list gives a list, captioned in batches of `batch_size`. With n_best=k
         each caption becomes the k best as [{"caption": ..., "score": ...}, ...], best first (score: what
         ranked them: with reranking lp per word + weight x consensus, else the beam's ranking score, the
-        summed log-probability when length_penalty is 0). beam_size defaults to
-        3, or to n_best when that is larger. guards: the decode-time fluency constraints (default: the
-        measured best; `captioner.Guards.off()` for plain beam search). rerank: consensus reranking with the
-        model's neighbour index (`captioner.Rerank.off()`: the beam's order); with an index each n-best
-        dict also has "consensus" and "confidence" (0..1). A bad input raises CaptionerError naming it.
+        summed log-probability when length_penalty is 0).
+
+        How it decodes is a `captioner.Decoding` (`decoding=`), or any of its fields as keywords, which
+        replace those of `decoding`: beam_size (default 3, or n_best when that is larger), max_len,
+        length_penalty, guards (the decode-time fluency constraints; default: the measured best,
+        `captioner.Guards.off()` for plain beam search) and rerank (consensus reranking with the model's
+        neighbour index, `captioner.Rerank.off()`: the beam's order); with an index each n-best dict also
+        has "consensus" and "confidence" (0..1). A bad input raises CaptionerError naming it.
         A path that starts with http:// or https:// is downloaded (captioner.vision.download).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        if n_best is not None and (isinstance(n_best, bool) or not isinstance(n_best, int) or n_best < 1):
-            raise CaptionerError(f"n_best must be a positive integer, got {n_best!r}")
-        if beam_size is None:
-            beam_size = max(3, n_best or 1)
-        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-            raise CaptionerError(f"beam_size must be a positive integer, got {beam_size!r}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise CaptionerError(f"max_len must be a positive integer, got {max_len!r}")
+        if n_best is not None:
+            settings["n_best"] = n_best
+            if decoding is None and "beam_size" not in settings and isinstance(n_best, int):
+                settings["beam_size"] = max(Decoding().beam_size, n_best)  # the beam widens to the n-best
+        decoding = Decoding.of(decoding, **settings)
         decoded = []
         for i, item in enumerate(items):
             name = str(item) if isinstance(item, (str, Path)) else ("image" if single else f"images[{i}]")
             decoded.append(as_image(item, name, min_side=self.encoder.spec.resize))
-        hyps = self.caption_pil(decoded, beam_size=beam_size, max_len=max_len, n_best=n_best or 1,
-                                length_penalty=length_penalty, batch_size=batch_size,
-                                guards=guards, rerank=rerank) if decoded else []
+        hyps = self.caption_pil(decoded, decoding, batch_size=batch_size) if decoded else []
         if n_best is None:
             results = [self.text(h[0]) for h in hyps]
         else:

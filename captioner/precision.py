@@ -15,7 +15,9 @@ emulated and several times *slower* than fp32, so `auto` never picks it there; a
 explicitly still works (with a warning), which the tests use to check the bf16 numerics on any machine.
 On CUDA `auto` is bf16 where the GPU supports it, else fp16 with a gradient scaler, as before.
 
-This module holds no state: `resolve` returns a frozen value that callers pass down explicitly.
+This module holds no state: `resolve` returns a frozen value that callers pass down explicitly. The names
+it takes are captioner.choices.PRECISIONS; a caller that names none gets `default(device)`, which is
+captioner.choices.DEFAULT_PRECISION (auto) as on the command line.
 
 Test hook: CAPTIONER_AUTO_PRECISION=bf16|fp32 in the environment makes `auto` on the CPU find that
 precision instead of reading the CPU's flags, so the test suite can be run as on a CPU with native bf16
@@ -36,11 +38,11 @@ from pathlib import Path
 
 import torch
 
+from captioner.choices import DEFAULT_PRECISION, PRECISIONS
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
 
-PRECISIONS = ("auto", "fp32", "bf16")
 # /proc/cpuinfo flags meaning the CPU has bf16 matrix instructions (not emulation on fp32 units).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # Test hook: what `auto` finds on the CPU, instead of the CPU's flags (see the module docstring).
@@ -168,4 +170,10 @@ def announce(precision: Precision, verbose_only: bool = False) -> Precision:
     return precision
 
 
-FP32 = Precision("fp32", "cpu", "default")
+def default(device: torch.device | str = "cpu") -> Precision:
+    """What a caller that names no precision gets: DEFAULT_PRECISION (auto), as every command and the config
+    do, resolved on `device`."""
+    return resolve(DEFAULT_PRECISION, device)
+
+
+FP32 = Precision("fp32", "cpu", "default")  # plain fp32 on the CPU, for callers that ask for it by value

@@ -35,7 +35,8 @@ class FakeCaptioner:
     def __init__(self):
         self.calls = []
 
-    def caption_pil(self, images, beam_size, max_len, n_best, length_penalty, batch_size):
+    def caption_pil(self, images, decoding, batch_size):
+        beam_size, n_best = decoding.beam_size, decoding.n_best
         self.calls.append((len(images), beam_size, n_best))
         return [[f"{img}/{beam_size}/{k}" for k in range(n_best)] for img in images]
 

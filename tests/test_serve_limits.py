@@ -45,7 +45,8 @@ class FakeCaptioner:
         self.calls, self.gate, self.entered = [], threading.Event(), threading.Event()
         self.gate.set()
 
-    def caption_pil(self, images, beam_size, max_len, n_best, length_penalty, batch_size):
+    def caption_pil(self, images, decoding, batch_size):
+        n_best = decoding.n_best
         self.entered.set()
         assert self.gate.wait(WAIT)
         self.calls.append([img.size for img in images])

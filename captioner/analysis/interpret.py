@@ -34,6 +34,7 @@ from captioner.atomic import atomic_write, atomic_write_text
 from captioner.model.decoder import CaptionDecoder
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
+from captioner.model.decoding import DEFAULT
 from captioner.model.search import beam_search, captioning_policy, greedy
 
 # ---- a tiny lexicon-based tagger (caption English is simple: "a man in a red shirt rides a bike") ------
@@ -143,7 +144,7 @@ class CellReport:
 
 
 def analyse(model: CaptionDecoder, vocab: Vocabulary, features: torch.Tensor, n_best: int = 10,
-            max_len: int = 20, top: int = 2) -> CellReport:
+            max_len: int = DEFAULT.max_len, top: int = 2) -> CellReport:
     """Caption features (N, F) greedily (shown) and with beam n_best (ranking corpus); rank units per property."""
     model.eval()
     searchable = captioning_policy(model, vocab)  # as captions are decoded everywhere

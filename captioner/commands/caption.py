@@ -19,7 +19,7 @@ from pathlib import Path
 
 from captioner import pretrained
 from captioner.atomic import atomic_write
-from captioner.commands import guards_of, rerank_of
+from captioner.cli import decoding_of
 from captioner.commands.explain import Explainer
 from captioner.errors import CaptionerError
 from captioner.eval.gallery import check_page_path
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     # A POSIX file name need not be valid UTF-8 (Python holds such bytes as surrogates): print it back as
     # the same bytes instead of failing with UnicodeEncodeError where stdout is strict (PYTHONIOENCODING).
     sys.stdout.reconfigure(errors="surrogateescape")
-    check_options(args)
+    decoding = check_options(args)
     if args.html:
         check_page_path(args.html)
     if args.output:
@@ -56,17 +56,14 @@ def run(args: argparse.Namespace) -> int:
     from captioner.inference import Captioner
     from captioner.precision import announce, resolve
 
-    rerank = rerank_of(args)
     device = resolve_device(args.device)
     precision = resolve(args.precision, device.type)
     captioner = Captioner.from_checkpoints(files, device, precision=precision)
     announce(precision, verbose_only=True)  # once the model has loaded: a refused checkpoint stays one line
-    explain = Explainer(captioner, args.neighbours, args.min_confidence, rerank)
+    explain = Explainer(captioner, args.neighbours, args.min_confidence, decoding.rerank)
     results, gallery, rows = [], [], []
     out = sys.stdout
-    captioned = captioner.caption_images(paths, beam_size=args.beam_size, max_len=args.max_len,
-                                         n_best=args.n_best, length_penalty=args.length_penalty,
-                                         guards=guards_of(args), batch_size=args.batch_size, rerank=rerank)
+    captioned = captioner.caption_images(paths, decoding, batch_size=args.batch_size)
     with progress(len(paths)) as bar:
         def emit(line: str, file=out) -> None:
             bar.write(line, file=file)  # above the bar, where there is one
@@ -88,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 results.append({"path": str(path), "caption": result.caption, **explain.fields(best),
                                 "n_best": n_best})
                 continue
-            if args.n_best > 1:
+            if decoding.n_best > 1:
                 for h in result.hypotheses:
                     emit(f"{path}\t{h.score:.4f}\t{explain.mark(h)}{captioner.text(h)}")
             else:
@@ -106,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         items = [GalleryItem(Path(path), r.caption, n_best=[(captioner.text(h), h.score) for h in r.hypotheses],
                              **explain.gallery(r.hypotheses[0])) for path, r in gallery]
         page = write_gallery(Path(args.html), items, title="captions",
-                             subtitle=f"{pretrained.describe(args.checkpoint)}, beam {args.beam_size}:")
+                             subtitle=f"{pretrained.describe(args.checkpoint)}, beam {decoding.beam_size}:")
         print(f"gallery: {page}", file=sys.stderr)
     if explain.flagged:
         print(f"{explain.flagged} caption(s) under --min-confidence {args.min_confidence:g}, marked `?`",
@@ -114,20 +111,13 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """The numeric options' ranges, as one-line errors, before anything loads."""
-    if args.beam_size < 1:
-        raise CaptionerError(f"--beam-size must be at least 1, got {args.beam_size}")
-    if not 1 <= args.n_best <= args.beam_size:
-        raise CaptionerError(f"--n-best must be between 1 and the beam size ({args.beam_size})")
+def check_options(args: argparse.Namespace):
+    """The options' ranges, as one-line errors, before anything loads: the decoding options become their
+    Decoding (returned), which checks itself."""
+    decoding = decoding_of(args)
     if args.batch_size < 1:
         raise CaptionerError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_len < 1:
-        raise CaptionerError(f"--max-len must be at least 1, got {args.max_len}")
-    if args.length_penalty < 0:
-        raise CaptionerError(f"--length-penalty must be 0 (off) or positive, got {args.length_penalty}")
-    if args.no_repeat_ngram < 0:
-        raise CaptionerError(f"--no-repeat-ngram must be 0 (off) or positive, got {args.no_repeat_ngram}")
+    return decoding
 
 
 # Camera formats that mimetypes does not know as images.

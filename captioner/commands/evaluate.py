@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from captioner import pretrained
 from captioner.data.records import SPLITS, Record, load_records, normalize_split, report
-from captioner.commands import guards_of, rerank_of
+from captioner.cli import decoding_of
 from captioner.errors import CaptionerError
 from captioner.atomic import atomic_write_text
 from captioner.eval.gallery import check_page_path
@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     # The arguments are checked before the data and the model load: a mistake answers at once.
     if args.limit < 0:
         raise CaptionerError(f"--limit must be 0 (all) or positive, got {args.limit}")
-    if args.beam_size < 1:
-        raise CaptionerError(f"--beam-size must be at least 1, got {args.beam_size}")
+    decoding = decoding_of(args)
     if args.html:
         check_page_path(args.html)
     if args.json and not Path(args.json).parent.is_dir():
@@ -111,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
     store = extract_features(captioner.encoder, [r.image for r in records], Path(args.cache_dir),
                              precision=precision)
     records = [r for r in records if r.image in store]
-    hyps = captioner.caption_features(store.get([r.image for r in records]), beam_size=args.beam_size,
-                                      max_len=args.max_len, length_penalty=args.length_penalty,
-                                      guards=guards_of(args), rerank=rerank_of(args))
+    hyps = captioner.caption_features(store.get([r.image for r in records]), decoding)
     keys = [str(r.image) for r in records]
     captions = {k: captioner.text(h[0]) for k, h in zip(keys, hyps)}
     references = {k: list(r.captions) for k, r in zip(keys, records)}
@@ -129,16 +126,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = {
             "checkpoint": described, "data": str(args.data), "split": split,
-            "beam_size": args.beam_size, "length_penalty": args.length_penalty, "images": len(records),
-            "no_repeat_ngram": args.no_repeat_ngram, "end_guard": args.end_guard,
-            "repeat_guard": args.repeat_guard,
-            "rerank": {"n_best": args.rerank, "beam": args.rerank_beam, "weight": args.rerank_weight, "k": args.rerank_k,
+            "beam_size": decoding.beam_size, "length_penalty": decoding.length_penalty, "images": len(records),
+            "no_repeat_ngram": decoding.guards.no_repeat_ngram, "end_guard": decoding.guards.end,
+            "repeat_guard": decoding.guards.repeat_word,
+            "rerank": {"n_best": decoding.rerank.n_best, "beam": decoding.rerank.beam,
+                       "weight": decoding.rerank.weight, "k": decoding.rerank.k,
                        "index": captioner.judged is not None},
+            "open_vocab": {"enabled": decoding.open_vocab.enabled, "copy": decoding.open_vocab.copy,
+                           "must": decoding.open_vocab.must, "floor": decoding.open_vocab.floor,
+                           "checked": list(decoding.open_vocab.checked)},
             "totals": scores.totals, "fluency": fluency,
             "hallucination": {k: v for k, v in objects.items() if k != "per_image"},
             "per_image": [{"image": str(r.image), "caption": captions[k], "references": references[k],
                            "scores": scores.per_image.get(k, {}), "hallucinated": objects["per_image"][k],
-                           **({"confidence": round(h[0].confidence, 4)} if h[0].confidence is not None else {})}
+                           **({"confidence": round(h[0].confidence, 4)} if h[0].confidence is not None else {}),
+                           **({"tags": [{"word": w, "probability": p} for w, p in h[0].tags]}
+                              if h[0].tags is not None else {})}
                           for k, r, h in zip(keys, records, hyps)],
         }
         write_report(Path(args.json), out)
@@ -146,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         from captioner.eval.gallery import GalleryItem, write_gallery
 
         items = [GalleryItem(r.image, captions[k], references[k], scores.per_image.get(k, {}),
-                             confidence=h[0].confidence) for k, r, h in zip(keys, records, hyps)]
+                             confidence=h[0].confidence, tags=h[0].tags or ())
+                 for k, r, h in zip(keys, records, hyps)]
         page = write_gallery(Path(args.html), items, title=f"{Path(args.data).name} {split}",
                              totals=scores.totals,
-                             subtitle=f"{pretrained.describe(args.checkpoint)}, beam {args.beam_size}:")
+                             subtitle=f"{pretrained.describe(args.checkpoint)}, beam {decoding.beam_size}:")
         log.info("gallery: %s", page)
     return 0

@@ -54,6 +54,7 @@ class Explainer:
         return out
 
     def gallery(self, best) -> dict:
-        """GalleryItem's confidence and neighbours."""
+        """GalleryItem's confidence, neighbours and the tags the caption says."""
         near = self.judged.neighbour_captions(best, self.neighbours) if self.neighbours else []
-        return {"confidence": best.confidence, "neighbours": [(n["image"], n["captions"]) for n in near]}
+        return {"confidence": best.confidence, "neighbours": [(n["image"], n["captions"]) for n in near],
+                "tags": best.tags or ()}

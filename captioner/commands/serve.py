@@ -12,7 +12,7 @@ import socket
 import sys
 
 from captioner import pretrained
-from captioner.commands import rerank_of
+from captioner.cli import decoding_of
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     missing = missing_modules()
     if missing:
         raise CaptionerError(f"serving needs {', '.join(missing)}: pip install 'captioner[serve]'")
-    for name, value, low in (("--max-batch", args.max_batch, 1), ("--beam-size", args.beam_size, 1),
-                             ("--max-len", args.max_len, 1), ("--threads", args.threads, 0)):
+    decoding = decoding_of(args)
+    for name, value, low in (("--max-batch", args.max_batch, 1), ("--threads", args.threads, 0)):
         if value < low:
             raise CaptionerError(f"{name} must be at least {low}, got {value}")
     for name, value, low in (("--max-queue", args.max_queue, 1), ("--max-connections", args.max_connections, 1)):
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from captioner.inference import Captioner
     from captioner.serve.app import MAX_BEAM, create_app
 
-    if args.beam_size > MAX_BEAM:
-        raise CaptionerError(f"--beam-size must be at most {MAX_BEAM}, got {args.beam_size}")
+    if decoding.beam_size > MAX_BEAM:
+        raise CaptionerError(f"--beam-size must be at most {MAX_BEAM}, got {decoding.beam_size}")
     # One thread runs the model (see captioner.serve.batching); its torch math uses the cores this process
     # may run on, and no more: one intra-op pool, no inter-op pool fighting it.
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -73,13 +73,12 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(RuntimeError):  # raised once parallel work has started: harmless here
         torch.set_num_interop_threads(1)
     sock = bind(args.host, args.port)
-    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
     captioner.encoder  # built now, not on the first request
     app = create_app(captioner, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_upload_bytes=int(args.max_upload_mb * 1e6), beam_size=args.beam_size,
-                     max_len=args.max_len, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                     host=args.host, allow_hosts=args.allow_host, allow_origins=args.allow_origin,
-                     rerank=rerank_of(args))
+                     max_upload_bytes=int(args.max_upload_mb * 1e6), decoding=decoding,
+                     max_queue=args.max_queue, request_timeout=args.request_timeout,
+                     host=args.host, allow_hosts=args.allow_host, allow_origins=args.allow_origin)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"captioner serve: listening on http://{shown}:{port}/ (device {captioner.device}, "

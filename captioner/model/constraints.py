@@ -21,35 +21,18 @@ in and masks the next-word log-probabilities, `select_state` reorders it with th
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
 from captioner.errors import CaptionerError
-
-
-@dataclass(frozen=True)
-class Guards:
-    """Which constraints a caption is decoded under. The default is the measured best on the shipped model
-    (docs/results.md, "Fluency"): no bigram twice, no word twice in a row, no dangling ending.
-    `Guards.off()` is plain search."""
-
-    no_repeat_ngram: int = 2  # NoRepeatNgram(n); 0: off
-    repeat_word: bool = True  # NoRepeatWord
-    end: bool = True  # EndGuard
-
-    def __post_init__(self):
-        if isinstance(self.no_repeat_ngram, bool) or not isinstance(self.no_repeat_ngram, int) \
-                or self.no_repeat_ngram < 0:
-            raise CaptionerError(f"no-repeat n-gram size must be 0 (off) or positive, got {self.no_repeat_ngram!r}")
-
-    @classmethod
-    def off(cls) -> Guards:
-        return cls(no_repeat_ngram=0, repeat_word=False, end=False)
+from captioner.model.decoding import Guards  # noqa: F401 (which of these wrappers a caption is decoded under)
+from captioner.model.search import Searchable
 
 
 class _Wrapper:
-    def __init__(self, model):
+    """A Searchable seen through a filter: each wrapper is itself a Searchable (captioner.model.search)."""
+
+    def __init__(self, model: Searchable):
         self.model = model
 
     @property
@@ -60,7 +43,7 @@ class _Wrapper:
 class NoRepeatNgram(_Wrapper):
     """Never complete an n-gram the caption already holds (Hugging Face's no_repeat_ngram_size)."""
 
-    def __init__(self, model, n: int):
+    def __init__(self, model: Searchable, n: int):
         if n < 1:
             raise CaptionerError(f"no-repeat n-gram size must be 0 (off) or positive, got {n}")
         super().__init__(model)
@@ -106,7 +89,7 @@ class NoRepeatWord(_Wrapper):
 class EndGuard(_Wrapper):
     """Mask <end> after a word that cannot end a caption (the fluency module's bad-ending rule)."""
 
-    def __init__(self, model, end_id: int, closed_ids: Iterable[int], adjective_ids: Iterable[int],
+    def __init__(self, model: Searchable, end_id: int, closed_ids: Iterable[int], adjective_ids: Iterable[int],
                  predicative_ids: Iterable[int], and_id: int | None):
         super().__init__(model)
         self.end_id = end_id

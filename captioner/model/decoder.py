@@ -38,12 +38,17 @@ from captioner.model.output import Targets, token_loss
 #   (h_1, ..., h_L, [c_1, ..., c_L for the LSTM], [u_1, ..., u_L image inputs when injecting])
 State = tuple[torch.Tensor, ...]
 
-_RNN_TYPES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+# The cells it builds, by their names in captioner.choices.CELLS (tests/test_choices.py keeps the two equal).
+CELL_TYPES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 # One time step of each cell, as a function of the same weights the fused layer holds.
 _CELL_FNS = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torch.gru_cell}
+# Where each conditioning (captioner.choices.CONDITIONING) puts v: (into every step's input, into h_0).
+CONDITIONING_INPUTS = {"inject": (True, False), "init": (False, True), "both": (True, True)}
 
 
 class CaptionDecoder(nn.Module):
+    """The RNN decoder; `init_state` / `step` / `select_state` make it a captioner.model.search.Searchable."""
+
     # How `step` runs one time step: "cell" calls the cell function on the layer's own weights (no copy);
     # "fused" calls the fused layer with a length-1 sequence. Both compute the same function; the cell
     # skips the fused kernel's per-call setup (benchmarks/fp32_paths.py measures the two side by side).
@@ -55,14 +60,13 @@ class CaptionDecoder(nn.Module):
         self.vocab_size = vocab_size
         self.feature_dim = feature_dim
         E, H, L = cfg.embed_dim, cfg.hidden_dim, cfg.num_layers
-        self.inject = cfg.conditioning in ("inject", "both")
-        self.init_from_image = cfg.conditioning in ("init", "both")
+        self.inject, self.init_from_image = CONDITIONING_INPUTS[cfg.conditioning]
 
         self.embed = nn.Embedding(vocab_size, E, padding_idx=pad_id)
         in_dims = [E] + [H] * (L - 1)
         kwargs = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
         self.layers = nn.ModuleList(
-            _RNN_TYPES[cfg.cell](d, H, num_layers=1, batch_first=True, **kwargs) for d in in_dims
+            CELL_TYPES[cfg.cell](d, H, num_layers=1, batch_first=True, **kwargs) for d in in_dims
         )
         # P_l: image vector -> layer l's input space (see the module docstring).
         self.image_in = nn.ModuleList(nn.Linear(feature_dim, d) for d in in_dims) if self.inject else None

@@ -26,7 +26,8 @@ from captioner.errors import CaptionerError
 
 
 class Ensemble(nn.Module):
-    """Several CaptionDecoders seen as one: same vocabulary, same image features, mean probabilities."""
+    """Several CaptionDecoders seen as one: same vocabulary, same image features, mean probabilities. A
+    captioner.model.search.Searchable, as each member is."""
 
     def __init__(self, members: Sequence[CaptionDecoder]):
         super().__init__()

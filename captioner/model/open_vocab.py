@@ -36,40 +36,12 @@ already knows that broccoli is like cauliflower and a zebra like a horse. The te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
+from captioner.model.decoding import OpenVocab
 from captioner.model.search import Hypothesis
-
-
-@dataclass(frozen=True)
-class OpenVocab:
-    """Open-vocabulary decoding settings; `OpenVocab.off()` decodes with the caption vocabulary alone."""
-    copy: float = 0.2  # share of the decoder's tag-word mass given to the photo's tags (0: off)
-    must: float = 0.0  # a tag at least this probable must be said (constrained search; 0: off)
-    floor: float = 0.0  # a checked word whose tag is below this is scaled down by tag / floor (0: off)
-    # The words checked: those whose tag is >= 0.05 on >= 80% of the Flickr8k training images that two or
-    # more captions name them with (at least 30 such images): `benchmarks/open_vocab.py --recall`.
-    checked: tuple[str, ...] = ("dog", "swing", "cliff")
-
-    def __post_init__(self):
-        if not 0.0 <= self.copy <= 1.0:
-            raise CaptionerError(f"open-vocabulary copy weight must be in [0, 1], got {self.copy}")
-        if not 0.0 <= self.must <= 1.0:
-            raise CaptionerError(f"constrained-search tag probability must be in [0, 1] (0: off), got {self.must}")
-        if not 0.0 <= self.floor < 1.0:
-            raise CaptionerError(f"checked-word tag floor must be in [0, 1) (0: off), got {self.floor}")
-
-    @classmethod
-    def off(cls) -> OpenVocab:
-        return cls(copy=0.0, must=0.0, floor=0.0)
-
-    @property
-    def on(self) -> bool:
-        return self.copy > 0 or self.must > 0 or self.floor > 0
 
 
 class TagVocabulary:

@@ -16,42 +16,15 @@ photo's neighbours. A calibration with a photo model also needs the photo's tag 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from captioner.errors import CaptionerError
 from captioner.model.confidence import Confidence, features_of, photo_features_of
 from captioner.model.consensus import Consensus
+from captioner.model.decoding import Rerank  # noqa: F401 (the settings, declared with the other decoding ones)
 from captioner.model.neighbours import NeighbourIndex
 from captioner.model.search import Hypothesis
-
-
-@dataclass(frozen=True)
-class Rerank:
-    """n_best: the beam's best candidates that are reranked (0: no reranking); beam: the beam width they
-    come from (the search's beam is widened to it, and to n_best); weight: lambda in lp + lambda * consensus;
-    k: the nearest training images consulted. The defaults are the best on Flickr8k dev (docs/results.md)."""
-
-    n_best: int = 8
-    weight: float = 1.5
-    k: int = 10
-    beam: int = 10
-
-    @classmethod
-    def off(cls) -> Rerank:
-        return cls(n_best=0)
-
-    def check(self) -> Rerank:
-        if isinstance(self.n_best, bool) or not isinstance(self.n_best, int) or self.n_best < 0:
-            raise CaptionerError(f"the reranked n-best must be 0 (off) or a positive integer, got {self.n_best!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise CaptionerError(f"the neighbours consulted (k) must be a positive integer, got {self.k!r}")
-        if isinstance(self.beam, bool) or not isinstance(self.beam, int) or self.beam < 1:
-            raise CaptionerError(f"the reranking beam must be a positive integer, got {self.beam!r}")
-        if not self.weight >= 0:
-            raise CaptionerError(f"the consensus weight must be 0 or positive, got {self.weight!r}")
-        return self
 
 
 def log_prob_per_word(h: Hypothesis) -> float:

@@ -8,6 +8,11 @@ Conventions shared by all three:
 - <end> is masked at the first step, so no caption is empty (beam search can allow it with allow_empty);
 - a caption that has not ended after max_len words is cut there.
 
+Every decoder they drive is a `Searchable` (the protocol below): the CaptionDecoder itself, an Ensemble of
+them, and the filters that wrap one (SuppressWords here, the guards of captioner.model.constraints).
+beam_search takes its settings as one captioner.model.decoding.Decoding (or that Decoding's fields as
+keywords).
+
 Beam search ranks finished hypotheses by a length-normalised score (see `gnmt_length_penalty`); with the
 default alpha = 0 the score is the plain sum of log-probabilities and beam size 1 gives exactly the greedy
 caption (with alpha > 0 beam 1 may keep going past greedy's <end> to a longer, better-normalised caption).
@@ -16,13 +21,32 @@ caption (with alpha > 0 beam 1 may keep going past greedy's <end> to a longer, b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
+from captioner.model.decoding import DEFAULT, Decoding
 
 START_ID, END_ID = Vocabulary.start_id, Vocabulary.end_id  # defaults; callers pass their vocabulary's
+
+
+@runtime_checkable
+class Searchable(Protocol):
+    """What greedy, beam search and sampling drive: a decoder advanced one word at a time, batched over rows
+    (images, or images x beams). The state is whatever the decoder keeps per row (hidden states, a wrapper's
+    history); searches only pass it back and reorder it."""
+
+    def init_state(self, features: torch.Tensor) -> Any:
+        """features (B, F) -> the state of B rows before the first word."""
+
+    def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """tokens (b,) the words fed in, one per row -> (log-probabilities (b, V) of the next word, new state).
+        The log-probabilities are fp32 and may be written to (filters mask words with -inf)."""
+
+    def select_state(self, state: Any, index: torch.Tensor) -> Any:
+        """The state of the rows `index` (b',), in that order: rows dropped, reordered or repeated."""
 
 
 @dataclass
@@ -51,16 +75,11 @@ def gnmt_length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tenso
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _check_lengths(max_len: int) -> None:
-    if max_len < 1:
-        raise CaptionerError(f"max_len must be at least 1, got {max_len}")
-
-
 @torch.no_grad()
-def greedy(model, features: torch.Tensor, max_len: int = 20, start_id: int = START_ID,
+def greedy(model: Searchable, features: torch.Tensor, max_len: int = DEFAULT.max_len, start_id: int = START_ID,
            end_id: int = END_ID) -> list[list[int]]:
     """features (B, F) -> B captions, each the arg-max word at every step until <end>."""
-    _check_lengths(max_len)
+    Decoding(max_len=max_len)  # its rule for max_len
 
     def pick(log_probs: torch.Tensor, t: int, running: torch.Tensor) -> torch.Tensor:
         return log_probs.argmax(dim=-1)
@@ -69,7 +88,8 @@ def greedy(model, features: torch.Tensor, max_len: int = 20, start_id: int = STA
 
 
 @torch.no_grad()
-def sample(model, features: torch.Tensor, temperature: float = 1.0, top_k: int = 0, max_len: int = 20,
+def sample(model: Searchable, features: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+           max_len: int = DEFAULT.max_len,
            generator: torch.Generator | None = None, start_id: int = START_ID,
            end_id: int = END_ID) -> list[list[int]]:
     """features (B, F) -> B captions drawn word by word from softmax(logits / temperature).
@@ -78,7 +98,7 @@ def sample(model, features: torch.Tensor, temperature: float = 1.0, top_k: int =
     repeatable. Every step takes one uniform number per image from the generator, running or not, so the
     draws do not depend on which captions have ended.
     """
-    _check_lengths(max_len)
+    Decoding(max_len=max_len)  # its rule for max_len
     if temperature <= 0:
         raise CaptionerError(f"temperature must be positive (greedy is temperature 0), got {temperature}")
     if top_k < 0:
@@ -96,7 +116,7 @@ def sample(model, features: torch.Tensor, temperature: float = 1.0, top_k: int =
     return _word_by_word(model, features, pick, max_len, start_id, end_id)
 
 
-def _word_by_word(model, features: torch.Tensor, pick, max_len: int, start_id: int,
+def _word_by_word(model: Searchable, features: torch.Tensor, pick, max_len: int, start_id: int,
                   end_id: int) -> list[list[int]]:
     """The loop greedy decoding and sampling share: feed each caption's last word, `pick` the next one
     from the log-probabilities (b, V) of the b captions still running, until every caption has said <end>.
@@ -147,10 +167,14 @@ def _cut_at_end(row: list[int], end_id: int) -> list[int]:
 
 
 @torch.no_grad()
-def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
-                length_penalty: float = 0.0, n_best: int = 1, start_id: int = START_ID,
-                end_id: int = END_ID, allow_empty: bool = False) -> list[list[Hypothesis]]:
-    """features (B, F) -> for each image its n_best hypotheses, best first.
+def beam_search(model: Searchable, features: torch.Tensor, decoding: Decoding | None = None, min_len: int = 1,
+                start_id: int = START_ID, end_id: int = END_ID, allow_empty: bool = False,
+                **settings) -> list[list[Hypothesis]]:
+    """features (B, F) -> for each image its decoding.n_best hypotheses, best first.
+
+    decoding: beam_size, max_len, n_best and length_penalty are read from it (its guards and reranking
+    are the caller's: `model` is already the guarded decoder); `settings`, any of its fields as keywords
+    (beam_size=5), replace those of `decoding` (default: Decoding()).
 
     All images and all their beams advance together as B*K rows of one decoder batch. Per step and image
     the K*V continuations of its K live beams are ranked by their summed log-probability and the top 2K
@@ -168,17 +192,13 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_len: int 
     min_len: <end> is masked until the caption has min_len words; min_len <= 1 means 1, or 0 (an empty
     caption may win) with allow_empty.
     """
-    _check_lengths(max_len)
-    K = beam_size
-    if K < 1:
-        raise CaptionerError(f"beam_size must be at least 1, got {K}")
-    if not 1 <= n_best <= K:
-        raise CaptionerError(f"n_best must be between 1 and beam_size ({K}), got {n_best}")
+    decoding = Decoding.of(decoding, **settings)
+    K, max_len, n_best = decoding.beam_size, decoding.max_len, decoding.n_best
     if min_len <= 1:
         min_len = 0 if allow_empty else 1  # allow_empty lifts the one-word minimum; a longer one stands
     if min_len > max_len:
         raise CaptionerError(f"min_len ({min_len}) is longer than max_len ({max_len})")
-    alpha = length_penalty  # GNMT alpha, see gnmt_length_penalty
+    alpha = decoding.length_penalty  # GNMT alpha, see gnmt_length_penalty
     B, device = features.shape[0], features.device
     neg_inf = float("-inf")
 
@@ -292,7 +312,7 @@ def _merge_finished(fin_score, fin_logp, fin_len, fin_words, alive, score, logp,
     fin_words[alive] = all_words.gather(1, best[:, :, None].expand(-1, -1, T))
 
 
-def captioning_policy(model, vocab: Vocabulary) -> SuppressWords:
+def captioning_policy(model: Searchable, vocab: Vocabulary) -> SuppressWords:
     """`model` as every caption is decoded: it never emits the vocabulary's `never_emitted` words."""
     return SuppressWords(model, vocab.never_emitted)
 
@@ -301,7 +321,7 @@ class SuppressWords:
     """A decoder seen through a filter: search never emits the given word ids; the rest is delegated.
     `captioning_policy` builds the one used for captions (no <unk>, <pad> or <start>)."""
 
-    def __init__(self, model, word_ids):
+    def __init__(self, model: Searchable, word_ids):
         self.model = model
         self.word_ids = torch.as_tensor(sorted(set(word_ids)), dtype=torch.long)
 

@@ -1,7 +1,8 @@
 """The HTTP app behind `captioner serve` (Starlette; run by uvicorn).
 
     GET  /          a page: drop or pick photos, see each caption with its n-best and scores
-    POST /caption   multipart/form-data, field `image` (a photo), optional `beam_size`, `n_best`
+    POST /caption   multipart/form-data, field `image` (a photo), optional `beam_size`, `n_best` (they
+                    replace those of the server's Decoding, captioner.model.decoding)
                     -> {"caption": "...", "n_best": [{"caption": "...", "score": -4.2}, ...]}
     GET  /health    {"status": "ok", "device": ..., "batches": ..., "images": ...}
 
@@ -34,6 +35,7 @@ import hashlib
 import math
 import os
 import re
+from dataclasses import replace
 
 import anyio
 import anyio.to_thread
@@ -48,6 +50,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from captioner.errors import CaptionerError
+from captioner.model.decoding import Decoding
 from captioner.serve.batching import Batcher, Busy
 from captioner.serve.budget import Budget
 from captioner.serve.origins import OriginGuard, SecurityHeaders, allowed_hosts
@@ -75,15 +78,17 @@ class ClientGone(Exception):
 
 
 def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_upload_bytes: int = 20_000_000,
-               beam_size: int = 3, max_len: int = 20, max_pixels: int = MAX_PIXELS, max_queue: int = 64,
+               decoding: Decoding | None = None, max_pixels: int = MAX_PIXELS, max_queue: int = 64,
                request_timeout: float = 60.0, download_timeout: float = 30.0, host: str = "127.0.0.1",
                allow_hosts: list[str] = (), allow_origins: list[str] = (),
                decode_budget_bytes: int = DECODE_BUDGET_BYTES, body_budget_bytes: int | None = None,
-               rerank=None) -> Starlette:
-    """The app; `host` (the address the server is bound to) and `allow_hosts` name the Host headers it
-    answers, `allow_origins` the other web origins whose pages may use it (captioner.serve.origins)."""
-    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                      rerank=rerank)
+               ) -> Starlette:
+    """The app; `decoding` (default: Decoding()) is how a request is captioned unless its form asks for
+    another beam_size or n_best; `host` (the address the server is bound to) and `allow_hosts` name the
+    Host headers it answers, `allow_origins` the other web origins whose pages may use it
+    (captioner.serve.origins)."""
+    decoding = decoding if decoding is not None else Decoding()
+    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
     # Decoding uploads runs on worker threads; no more at once than there are cores, so decoding and
     # the model's torch threads do not pile up on the CPU.
     decoders = anyio.CapacityLimiter(max(1, len(os.sched_getaffinity(0))))
@@ -94,7 +99,7 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
     body_limit = max_upload_bytes + _FORM_OVERHEAD
     bodies = Budget(body_budget_bytes or max(8 * body_limit, 64_000_000))
     min_side = captioner.encoder.spec.resize  # images are decoded to at least twice this short side
-    page_html = (PAGE.replace("{{BEAM}}", str(beam_size)).replace("{{MAX_BEAM}}", str(MAX_BEAM))
+    page_html = (PAGE.replace("{{BEAM}}", str(decoding.beam_size)).replace("{{MAX_BEAM}}", str(MAX_BEAM))
                  .replace("{{MAX_MB}}", f"{max_upload_bytes / 1e6:g}"))
     counts = {"gone": 0}  # requests whose client hung up while they waited
     page_headers = {"Content-Security-Policy": _content_security_policy(page_html),
@@ -142,12 +147,15 @@ def create_app(captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_up
                                                            limiter=decoders))
 
     async def answer(fields, release_body):
-        beam = _int_field(fields, "beam_size", beam_size, 1, MAX_BEAM)
-        n_best = _int_field(fields, "n_best", 1, 1, beam)
+        try:  # the form's beam_size and n_best in the server's decoding, checked by it
+            asked = replace(decoding, beam_size=_int_field(fields, "beam_size", decoding.beam_size, 1, MAX_BEAM),
+                            n_best=_int_field(fields, "n_best", decoding.n_best))
+        except CaptionerError as err:
+            raise Refused(400, str(err)) from None
         image = await image_of(fields)
         del fields  # the upload's bytes are no longer needed while the image waits for its batch
         release_body()
-        hyps = await batcher.caption(image, beam_size=beam, max_len=max_len, n_best=n_best)
+        hyps = await batcher.caption(image, asked)
         best = [captioner.as_dict(h) for h in hyps]
         confidence = {"confidence": best[0]["confidence"]} if "confidence" in best[0] else {}
         return JSONResponse({"caption": best[0]["caption"], **confidence, "n_best": best})
@@ -258,7 +266,9 @@ def _content_security_policy(page: str) -> str:
             f"img-src blob:; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
-def _int_field(fields: dict, name: str, default: int, low: int, high: int) -> int:
+def _int_field(fields: dict, name: str, default: int, low: int | None = None, high: int | None = None) -> int:
+    """A whole-number form field, within [low, high] when they are given (the server's own limits; the
+    decoding's rules are the Decoding's)."""
     if name not in fields:
         return default
     text = fields[name][1].decode(errors="replace").strip()
@@ -266,7 +276,7 @@ def _int_field(fields: dict, name: str, default: int, low: int, high: int) -> in
         value = int(text)
     except ValueError:
         raise Refused(400, f"{name} must be a whole number, got {text[:40]!r}") from None
-    if not low <= value <= high:
+    if low is not None and not low <= value <= high:
         raise Refused(400, f"{name} must be between {low} and {high}, got {value}")
     return value
 

@@ -2,15 +2,16 @@
 
     batcher = Batcher(captioner, max_batch=16, max_wait_ms=10)
     await batcher.start()
-    hypotheses = await batcher.caption(image, beam_size=3, n_best=1)   # from any request handler
+    hypotheses = await batcher.caption(image, Decoding(beam_size=5))   # from any request handler
     await batcher.stop()
 
 One worker task takes the first waiting image, then waits up to `max_wait_ms` for more (never past
 `max_batch`), and runs them through the encoder and beam search as one batch on one dedicated thread:
 the model is used by one thread only, so its torch intra-op threads are the only threads doing math,
-and the event loop keeps accepting requests meanwhile. Images asking for different beam sizes or
-lengths are batched separately (beam search runs one beam size at a time); n-best requests share a
-batch and each gets as many hypotheses as it asked for. max_batch 1 turns batching off.
+and the event loop keeps accepting requests meanwhile. Each image comes with its Decoding
+(captioner.model.decoding); images asking for different ones are batched separately (beam search runs
+one beam size at a time), except that requests differing only in n_best share a batch and each gets as
+many hypotheses as it asked for. max_batch 1 turns batching off.
 
 The queue holds at most `max_queue` images: past that `caption` raises Busy at once (the server answers
 503 with Retry-After) instead of holding ever more decoded images in memory. A request whose caller has
@@ -24,9 +25,10 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from captioner.errors import CaptionerError
+from captioner.model.decoding import Decoding
 
 log = logging.getLogger("captioner")
 
@@ -38,15 +40,12 @@ class Busy(Exception):
 @dataclass
 class _Job:
     image: object  # a decoded RGB PIL image
-    beam_size: int
-    max_len: int
-    n_best: int
+    decoding: Decoding
     future: asyncio.Future = field(repr=False)
 
 
 class Batcher:
-    def __init__(self, captioner, max_batch: int = 16, max_wait_ms: float = 10.0, length_penalty: float = 0.0,
-                 max_queue: int = 64, rerank=None):
+    def __init__(self, captioner, max_batch: int = 16, max_wait_ms: float = 10.0, max_queue: int = 64):
         if max_batch < 1:
             raise CaptionerError(f"max batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -56,8 +55,6 @@ class Batcher:
         self.max_queue = max_queue
         self.captioner = captioner
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
-        self.length_penalty = length_penalty
-        self.rerank = rerank  # captioner.model.rerank.Rerank; None: the captioner's default
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -78,14 +75,16 @@ class Batcher:
                 pass
         self._model_thread.shutdown(wait=True)
 
-    async def caption(self, image, beam_size: int = 3, max_len: int = 20, n_best: int = 1):
-        """-> the n-best Hypothesis list for `image`, once its batch has run; Busy when the queue is full.
+    async def caption(self, image, decoding: Decoding | None = None, **settings):
+        """-> the n-best Hypothesis list for `image` decoded as `decoding` (default: Decoding(); `settings`:
+        its fields as keywords, replacing those), once its batch has run; Busy when the queue is full.
         Cancelling the caller while it waits drops the image from its batch."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not awaited")
+        decoding = Decoding.of(decoding, **settings)
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Job(image, beam_size, max_len, n_best, future))
+            self._queue.put_nowait(_Job(image, decoding, future))
         except asyncio.QueueFull:
             raise Busy(f"{self.max_queue} images are waiting already") from None
         return await future
@@ -112,25 +111,25 @@ class Batcher:
                     jobs.append(await asyncio.wait_for(self._queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            groups: dict[tuple[int, int], list[_Job]] = {}
+            groups: dict[Decoding, list[_Job]] = {}  # by the decoding, but for n_best
             for job in jobs:
                 if job.future.cancelled():  # its client went away while it waited
                     self.dropped += 1
                 else:
-                    groups.setdefault((job.beam_size, job.max_len), []).append(job)
-            for (beam_size, max_len), group in groups.items():
-                await self._answer(loop, group, beam_size, max_len)
+                    groups.setdefault(replace(job.decoding, n_best=1), []).append(job)
+            for group in groups.values():
+                await self._answer(loop, group)
 
-    async def _answer(self, loop, group: list[_Job], beam_size: int, max_len: int) -> None:
+    async def _answer(self, loop, group: list[_Job]) -> None:
         try:
-            hyps = await loop.run_in_executor(self._model_thread, self._forward, group, beam_size, max_len)
+            hyps = await loop.run_in_executor(self._model_thread, self._forward, group)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the worker goes on
             if len(group) > 1:  # find the culprit: each image alone, so the others are still answered
                 log.warning("captioning a batch of %d failed (%s); captioning them one at a time",
                             len(group), type(exc).__name__)
                 for job in group:
                     if not job.future.done():
-                        await self._answer(loop, [job], beam_size, max_len)
+                        await self._answer(loop, [job])
                 return
             log.exception("captioning an image failed")
             if not group[0].future.done():
@@ -138,14 +137,12 @@ class Batcher:
             return
         for job, h in zip(group, hyps):
             if not job.future.done():
-                job.future.set_result(h[:job.n_best])
+                job.future.set_result(h[:job.decoding.n_best])
 
-    def _forward(self, group: list[_Job], beam_size: int, max_len: int):
-        n_best = max(job.n_best for job in group)
-        out = self.captioner.caption_pil([job.image for job in group], beam_size=beam_size, max_len=max_len,
-                                         n_best=n_best, length_penalty=self.length_penalty,
-                                         batch_size=len(group),
-                                         **({} if self.rerank is None else {"rerank": self.rerank}))
+    def _forward(self, group: list[_Job]):
+        """The group's images through the model as one batch, decoded as the most n-best any of them asks for."""
+        decoding = max((job.decoding for job in group), key=lambda d: d.n_best)
+        out = self.captioner.caption_pil([job.image for job in group], decoding, batch_size=len(group))
         self.batches += 1
         self.images += len(group)
         return out

@@ -49,7 +49,7 @@ from captioner.distributed import Dist
 from captioner.vision.encoders import Encoder, EncoderSpec, spec_key
 from captioner.errors import CaptionerError
 from captioner.vision.images import load_image
-from captioner.precision import FP32, Precision
+from captioner.precision import Precision, default
 
 log = logging.getLogger("captioner")
 
@@ -107,14 +107,15 @@ class FeatureStore:
 
 def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path, batch_size: int = 64,
                      num_workers: int = 2, progress: bool = True, dist: Dist = Dist(),
-                     precision: Precision = FP32, chunk_size: int = CHUNK_IMAGES,
+                     precision: Precision | None = None, chunk_size: int = CHUNK_IMAGES,
                      commit_seconds: float = COMMIT_SECONDS,
                      clock: Callable[[], float] = time.monotonic) -> FeatureStore:
     """Features for `image_paths`, computing only those not already cached (or changed since).
 
     Unreadable images are logged (one warning each), get no row, and are listed in `store.failures`.
     The encoder runs on whatever device its parameters are on, its GEMMs and convolutions in `precision`
-    (features of each precision are cached apart). Work is committed every `chunk_size` images and, in a
+    (features of each precision are cached apart; None: captioner.precision.default on the encoder's device,
+    auto as on the command line). Work is committed every `chunk_size` images and, in a
     single process, whenever `commit_seconds` by `clock` have passed since the last commit.
 
     Under torchrun (`dist.world` > 1) every process encodes every world-th image still to do; rank 0
@@ -124,6 +125,8 @@ def extract_features(encoder: Encoder, image_paths: list[Path], cache_dir: Path,
         # Cached features are keyed by the spec, which says nothing about fine-tuned weights.
         raise CaptionerError(f"encoder {encoder.spec.name} has trainable blocks; features of a "
                              "fine-tuned encoder cannot be cached (freeze it or skip the cache)")
+    if precision is None:
+        precision = default(next(encoder.parameters()).device)
     cache = _Cache(cache_folder(Path(cache_dir), encoder.spec, precision.name), encoder.spec, precision.name)
     with cache.lock():
         index, _ = cache.load()

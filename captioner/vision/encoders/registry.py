@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from captioner.choices import ENCODERS, POOLINGS
 from captioner.errors import CaptionerError
 from captioner.vision.encoders.preprocess import SpecTransform
 from captioner.vision.tags import tag_words, word_probabilities
@@ -65,9 +66,6 @@ class EncoderSpec:
         return [difference.split(":")[0] for difference in feature_differences(self, other)]
 
 
-POOLINGS = ("mean", "max", "meanmax")
-
-
 def spec_key(spec: EncoderSpec) -> dict[str, Any]:
     """The spec as the dict that keys the feature cache. Fields with a default are left out while at their
     default, so plain features keep the cache folder they had before those fields existed, and any other
@@ -104,8 +102,11 @@ _REGISTRY: dict[str, _Builder] = {}
 
 
 def register(name: str) -> Callable[[_Builder], _Builder]:
-    """Decorator: make `build_encoder(name)` call the decorated zero-argument builder."""
+    """Decorator: make `build_encoder(name)` call the decorated zero-argument builder. The name must be one
+    of captioner.choices.ENCODERS, the list the command line and the config read."""
     def add(builder: _Builder) -> _Builder:
+        if name not in ENCODERS:
+            raise ValueError(f"encoder {name!r} is not listed in captioner.choices.ENCODERS")
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} registered twice")
         _REGISTRY[name] = builder
