@@ -70,7 +70,7 @@ def test_copy_moves_the_object_mass_to_the_photos_tags_and_keeps_a_distribution(
     table[:, v.ids["dog"]] = 0.6  # the decoder wants to say "dog"
     table = table / table.sum(dim=1, keepdim=True)
     q = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.9]])  # the photo shows broccoli
-    wrapped = OpenVocabulary(Fixed(table), tags, q, OpenVocab(copy=0.5), v.end_id)
+    wrapped = OpenVocabulary(Fixed(table), tags, q, OpenVocab(copy=0.5, must=0.0, floor=0.0), v.end_id)
     state = wrapped.init_state(torch.zeros(1, 2))
     log_probs, _ = wrapped.step(torch.tensor([v.start_id]), state)
     p = log_probs.exp()[0]
@@ -98,7 +98,7 @@ def test_constrained_search_says_the_confident_tag_and_feeds_its_proxy():
     table = table / table.sum(dim=1, keepdim=True)
     q = torch.tensor([[0.0, 0.0, 0.0, 0.95, 0.0]])  # a zebra
     model = Fixed(table)
-    wrapped = OpenVocabulary(model, tags, q, OpenVocab(copy=0.3, must=0.5), v.end_id)
+    wrapped = OpenVocabulary(model, tags, q, OpenVocab(copy=0.3, must=0.5, floor=0.0), v.end_id)
     must = wrapped.required()
     assert must.tolist() == [tags.words.ids["zebra"]]
     found = constrained_beam_search(wrapped, torch.zeros(1, 2), must, beam_size=3, max_len=6,
@@ -108,7 +108,7 @@ def test_constrained_search_says_the_confident_tag_and_feeds_its_proxy():
     fed = torch.cat(model.fed).tolist()
     assert tags.words.ids["zebra"] not in fed and v.ids["horse"] in fed  # the decoder read its proxy
 
-    unconstrained = beam_search(OpenVocabulary(Fixed(table), tags, q, OpenVocab(copy=0.3), v.end_id),
+    unconstrained = beam_search(OpenVocabulary(Fixed(table), tags, q, OpenVocab(copy=0.3, must=0.0, floor=0.0), v.end_id),
                                 torch.zeros(1, 2), beam_size=3, max_len=6, start_id=v.start_id,
                                 end_id=v.end_id)
     assert "zebra" not in tags.words.decode(unconstrained[0][0].tokens).split()
@@ -119,7 +119,10 @@ def test_settings_are_checked():
         OpenVocab(copy=1.5)
     with pytest.raises(CaptionerError, match="tag probability"):
         OpenVocab(must=-0.1)
+    with pytest.raises(CaptionerError, match="tag floor"):
+        OpenVocab(floor=1.0)
     assert not OpenVocab.off().on and OpenVocab().on
+    assert not OpenVocab(copy=0.0, must=0.0, floor=0.0).on
 
 
 def test_the_shipped_model_names_a_new_word_and_says_which_tags_it_used():
@@ -148,7 +151,7 @@ def test_a_checked_word_the_photo_does_not_show_is_scaled_down():
     table = table / table.sum(dim=1, keepdim=True)
     no_dog = torch.tensor([[0.3, 0.005, 0.0, 0.0, 0.0]])  # a cat, and hardly a dog
     dog = torch.tensor([[0.0, 0.9, 0.0, 0.0, 0.0]])
-    settings = OpenVocab(copy=0.0, floor=0.05, checked=("dog",))
+    settings = OpenVocab(copy=0.0, must=0.0, floor=0.05, checked=("dog",))
 
     def probs(q):
         wrapped = OpenVocabulary(Fixed(table), tags, q, settings, v.end_id)

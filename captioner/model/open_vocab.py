@@ -97,7 +97,8 @@ class OpenVocabulary:
         self.model = model
         self.tags = tags
         self.tag_probs = tag_probs.float()
-        self.settings = settings
+        # Switched off (enabled False): the extended vocabulary with nothing moved, none required, none checked.
+        self.settings = settings if settings.on else OpenVocab(copy=0.0, must=0.0, floor=0.0)
         self.end_id = end_id
 
     @property
