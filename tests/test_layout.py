@@ -20,7 +20,7 @@ PACKAGE = REPO / "captioner"
 
 # The data flow, lowest first: a module may import from its own stage or a lower one, never a higher one.
 STAGES = [
-    {"errors", "atomic", "allocator", "config", "device", "distributed", "precision", "pretrained"},
+    {"errors", "atomic", "allocator", "config", "device", "distributed", "precision", "pretrained", "no_init"},
     {"data"},
     {"vision"},
     {"model"},
