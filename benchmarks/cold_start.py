@@ -12,7 +12,8 @@ Each round runs, one after another (so a busy machine slows them alike):
 
 and prints the median wall clock of each, its CPU time (user + system, less disturbed than the wall
 clock where other work shares the CPU), its peak resident memory, and its distance from `import torch`; then the medians of the parts (import torch, the command's other imports, loading
-each member, building the CNN, the first photo through it and the beam search) and the heavy modules
+each member, loading the neighbour index, building the CNN, the first photo through it, the beam search and the
+reranking) and the heavy modules
 that the caption path imported. `captioner` is the console script beside this interpreter (else
 `python -m captioner`); PYTHONPATH passes through, so a checkout's code is what runs. `--baseline DIR`
 adds, to every round, the two caption commands with another checkout's code (PYTHONPATH=DIR), to
@@ -55,9 +56,10 @@ loaded = []
 for i, f in enumerate(files, start=1):
     loaded.append(checkpoint.load_model(f)); mark(f"load member {i}")
 model = loaded[0] if len(loaded) == 1 else checkpoint.ensemble_of(loaded, files)
-cap = Captioner(model, torch.device("cpu"), resolve("auto", "cpu")); mark("make the captioner")
+index = Captioner._index_for(model, files); mark("load the neighbour index")
+cap = Captioner(model, torch.device("cpu"), resolve("auto", "cpu"), index=index); mark("make the captioner")
 cap.encoder; mark("build the CNN")
-[(path, result)] = cap.caption_images([photo]); mark("first photo: read, CNN, beam search")
+[(path, result)] = cap.caption_images([photo]); mark("first photo: read, CNN, beam search, reranking")
 print(json.dumps({"parts": parts, "caption": result.caption,
                   "heavy": [m for m in heavy if m in sys.modules]}))
 """

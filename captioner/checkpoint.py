@@ -19,7 +19,6 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.ensemble import Ensemble
 from captioner.model.neighbours import SUFFIX as INDEX_SUFFIX, index_path
+from captioner.no_init import without_random_init
 from captioner.vision.encoders import EncoderSpec, feature_differences
 from captioner.errors import CaptionerError
 
@@ -263,10 +263,13 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint",
     if ckpt["feature_dim"] <= 0:
         raise CaptionerError(f"{path}: damaged checkpoint: feature_dim {ckpt['feature_dim']}")
     _check_size(cfg, len(vocab), ckpt["feature_dim"], path)
-    with _without_random_init():  # every weight is loaded below: no need to draw them first
+    with without_random_init():  # every weight is loaded below: no need to draw them first
         model = CaptionDecoder(cfg, vocab_size=len(vocab), feature_dim=ckpt["feature_dim"], pad_id=vocab.pad_id)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    load_state(model, state, path)
+    # Fresh float32 tensors (never the checkpoint dict's own) that become the parameters as they are
+    # (assign): the empty ones built above are never written, and the weights are copied once, not twice.
+    state = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
+             for k, v in ckpt["model"].items()}
+    load_state(model, state, path, assign=True)
     return LoadedModel(model.eval(), vocab, ckpt["encoder"], ckpt, ckpt.get(ENCODER_STATE))
 
 
@@ -312,34 +315,6 @@ def _memory_bytes() -> int:
         return 0
 
 
-# torch.nn.init's in-place initialisers. The decoder's orthogonal W_hh blocks alone (a QR factorisation
-# each) took 0.3-2 s per model on the shared 2-core CPU, before the checkpoint's weights replaced them.
-INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                 "sparse_")
-
-
-@contextmanager
-def _without_random_init():
-    """Modules built inside keep the values torch.empty gives them instead of drawing random ones: for a
-    model whose every weight is loaded next (load_state refuses a checkpoint that lacks one). The
-    initialisers are swapped for no-ops only while the block runs, as Hugging Face's `no_init_weights`
-    does, and restored however it ends. (Not a torch.device("meta") build: initialising on the meta
-    device imports torch's compiler stack, which costs more than the initialisation it saves.)"""
-    saved = {name: getattr(torch.nn.init, name) for name in INITIALISERS if hasattr(torch.nn.init, name)}
-    try:
-        for name in saved:
-            setattr(torch.nn.init, name, _keep)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
-def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return tensor
-
-
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     """["model.cell: lstm vs gru", ...] for every field where `a` and `b` differ."""
     return [f"model.{f.name}: {getattr(a, f.name)} vs {getattr(b, f.name)}"
@@ -373,15 +348,18 @@ def architecture_of(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return found
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """load_state_dict with a message that says what differs instead of a wall of key names."""
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+               assign: bool = False) -> None:
+    """load_state_dict with a message that says what differs instead of a wall of key names. `assign`: the
+    tensors of `state` become the model's parameters (load_state_dict(assign=True)) instead of being copied
+    into them."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if not (missing or unexpected or shapes):
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
         return
     described, stored = architecture_of(own), architecture_of(state)
     differs = [f"{k}: {v} vs {stored.get(k, 'absent')}" for k, v in described.items() if stored.get(k) != v]

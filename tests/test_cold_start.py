@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import checkpoint
+from captioner import checkpoint, no_init
 from captioner.errors import CaptionerError
+from captioner.vision.encoders import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_NEEDED = ("torchvision", "torch._dynamo", "sympy", "matplotlib", "nltk", "pycocoevalcap", "pycocotools")
@@ -26,8 +27,28 @@ def test_captioning_a_photo_imports_none_of_what_it_does_not_need():
     assert done.stderr.splitlines()[-1] == "0 []"
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The names of torch.nn.init's initialisers called while the test runs (outside without_random_init)."""
+    calls = []
+    for name in no_init.INITIALISERS:
+        real = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name,
+                            lambda *args, _name=name, _real=real, **kwargs: (calls.append(_name), _real(*args, **kwargs))[1])
+    return calls
+
+
+def test_loading_a_model_and_building_the_cnn_draw_no_random_weights(drawn):
+    loaded = checkpoint.load_model(checkpoint.pretrained_path("flickr8k"))
+    encoder = build_encoder(loaded.encoder_spec().name)
+    assert drawn == []
+    torch.nn.Linear(2, 2)  # outside: the initialisers run (and are recorded) as usual
+    assert drawn == ["kaiming_uniform_", "uniform_"]
+    assert not encoder.training and encoder.frozen
+
+
 def test_a_loaded_decoder_holds_exactly_the_stored_weights_and_init_is_restored():
-    initialisers = {name: getattr(torch.nn.init, name) for name in checkpoint.INITIALISERS}
+    initialisers = {name: getattr(torch.nn.init, name) for name in no_init.INITIALISERS}
     path = checkpoint.pretrained_path("flickr8k")
     stored = checkpoint.read(path)["model"]
     loaded = checkpoint.load_model(path).model.state_dict()

@@ -21,7 +21,7 @@ PACKAGE = REPO / "captioner"
 # The data flow, lowest first: a module may import from its own stage or a lower one, never a higher one.
 STAGES = [
     {"errors", "choices", "atomic", "allocator", "config", "device", "distributed", "precision", "pretrained",
-     "run_layout"},
+     "run_layout", "no_init"},
     {"data"},
     {"vision"},
     {"model"},

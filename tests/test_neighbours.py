@@ -297,3 +297,16 @@ def test_the_gallery_shows_confidence_and_the_nearest_training_captions(tmp_path
     assert "confidence <b>0.42</b>" in text and 'data-confidence="0.4200"' in text
     assert "1 nearest training images" in text and "a plain red square" in text and "red_1.jpg" in text
     assert 'value="confidence:asc"' in text
+
+
+def test_the_index_stores_its_word_list_and_names_as_text_and_still_reads_format_1(tmp_path):
+    index, _, _ = random_index()
+    raw = torch.load(index.save(tmp_path / "n.knn"), weights_only=True)
+    assert raw["format"] == 2 and isinstance(raw["words"], str) and isinstance(raw["names"], str)
+    old = {**raw, "format": 1, "words": list(index.words), "names": list(index.names)}
+    torch.save(old, tmp_path / "old.knn")
+    loaded = NeighbourIndex.load(tmp_path / "old.knn")
+    assert loaded.words == index.words and loaded.names == index.names and loaded.captions(3) == index.captions(3)
+    torch.save({**raw, "names": "{not json"}, tmp_path / "bad.knn")
+    with pytest.raises(CaptionerError, match="names are not a list of strings"):
+        NeighbourIndex.load(tmp_path / "bad.knn")
