@@ -59,8 +59,10 @@ def test_a_list_is_captioned_in_batches_in_order(cap):
 
 def test_n_best_gives_captions_with_scores_best_first(cap):
     best = cap(PHOTO, n_best=3)
-    # the shipped model's neighbour index adds each caption's consensus and confidence (captioner.model.rerank)
-    assert len(best) == 3 and all(set(h) == {"caption", "score", "consensus", "confidence"} for h in best)
+    # the shipped model's neighbour index adds each caption's consensus and confidence (captioner.model.rerank),
+    # the open vocabulary the tags each caption says (captioner.model.open_vocab)
+    assert len(best) == 3 and all(set(h) == {"caption", "score", "consensus", "confidence", "tags"} for h in best)
+    assert all(t["word"] in h["caption"].split() and 0 <= t["probability"] <= 1 for h in best for t in h["tags"])
     scores = [h["score"] for h in best]
     assert scores == sorted(scores, reverse=True) and len({h["caption"] for h in best}) == 3
     assert best[0]["caption"] == cap(PHOTO)

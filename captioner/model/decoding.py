@@ -90,9 +90,9 @@ class OpenVocab:
     vocabulary")."""
 
     enabled: bool = True
-    copy: float = 0.2
-    must: float = 0.3
-    floor: float = 0.2
+    copy: float = 0.1
+    must: float = 0.5
+    floor: float = 0.5
     # The words checked: those whose tag is >= 0.05 on >= 80% of the Flickr8k training images that two or
     # more captions name them with (at least 30 such images): `benchmarks/open_vocab.py --recall`.
     checked: tuple[str, ...] = ("dog", "swing", "cliff")
