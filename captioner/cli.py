@@ -112,6 +112,10 @@ DECODING_OPTIONS = [
     ("--tag-must", "open_vocab.must",
      {"type": float, "metavar": "P", "help": "a tag at least P probable must be said, by constrained beam "
                                              "search (0: off)"}),
+    ("--tag-margin", "open_vocab.margin",
+     {"type": float, "metavar": "M", "help": "keep the caption that says the required tag only if its "
+                                             "log-probability per word is at most M below the plain caption's "
+                                             "(0: always)"}),
     ("--tag-floor", "open_vocab.floor",
      {"type": float, "metavar": "F", "help": "\"dog\" (and the other checked words) with a tag below F is "
                                              "penalised by tag / F (0: off)"}),

@@ -137,9 +137,9 @@ class Captioner:
     def tag_vocab(self) -> TagVocabulary | None:
         """The caption vocabulary with the encoder's tag words (captioner.model.open_vocab); None when the
         encoder has no ImageNet classifier or no mean-pooled feature to give tags from."""
-        if self.encoder.spec.pooling == "max":
-            return None
-        try:
+        try:  # an encoder this install cannot build, or one without a classifier: no tags
+            if self.encoder.spec.pooling == "max":
+                return None
             return TagVocabulary(self.vocab, tag_words(), word_rows(self.encoder))
         except CaptionerError:
             return None
@@ -220,7 +220,8 @@ class Captioner:
     def _say_required(self, search: Decoding, features, tag_probs, found) -> None:
         """Replace, in place, the hypotheses of the images with a tag at least open_vocab.must probable that
         their best caption does not say by those of constrained search, which must say it (an image where
-        it cannot fit keeps its own)."""
+        it cannot fit, or, with open_vocab.margin, where saying it costs more than that margin in
+        log-probability per word, keeps its own)."""
         open_vocab = search.open_vocab
         must = OpenVocabulary(None, self.tag_vocab, tag_probs, open_vocab, self.vocab.end_id).required()
         for row, hyps in enumerate(found):  # a caption that already says its tag keeps its own search
@@ -233,8 +234,10 @@ class Captioner:
         said = constrained_beam_search(self.constrained(search.guards, picked), features[rows], must[rows],
                                        beam_size=search.beam_size, max_len=search.max_len, n_best=search.n_best,
                                        start_id=self.vocab.start_id, end_id=self.vocab.end_id)
+        per_word = lambda h: h.log_prob / (len(h.tokens) + 1)  # noqa: E731 (as the reranking's)
         for row, hyps in zip(rows.tolist(), said):
-            if hyps:
+            if hyps and (not open_vocab.margin or not found[row]
+                         or per_word(hyps[0]) >= per_word(found[row][0]) - open_vocab.margin):
                 found[row] = hyps
 
     def _consensus_words(self, hypothesis: Hypothesis) -> list[str]:

@@ -84,7 +84,8 @@ class Rerank:
 class OpenVocab:
     """Open-vocabulary decoding with the encoder's tags (captioner.model.open_vocab): copy, the share of the
     decoder's tag-word mass given to the photo's tags (0: off); must, a tag at least this probable must be
-    said, by constrained search (0: off); floor, a checked word whose tag is below it is scaled down by
+    said, by constrained search (0: off); margin, how much lower (log-probability per word) the caption
+    that says it may score than the plain best and still replace it (0: no limit); floor, a checked word whose tag is below it is scaled down by
     tag / floor (0: off); checked, those words. enabled=False (`OpenVocab.off()`) decodes with the caption
     vocabulary alone, whatever the rest says. The defaults are measured in docs/results.md ("Open
     vocabulary")."""
@@ -92,6 +93,7 @@ class OpenVocab:
     enabled: bool = True
     copy: float = 0.1
     must: float = 0.5
+    margin: float = 0.3  # the required tag's caption is kept if its log-prob per word is at most this below the plain one's (0: always)
     floor: float = 0.5
     # The words checked: those whose tag is >= 0.05 on >= 80% of the Flickr8k training images that two or
     # more captions name them with (at least 30 such images): `benchmarks/open_vocab.py --recall`.
@@ -99,6 +101,7 @@ class OpenVocab:
 
     def __post_init__(self):
         for name, value, top in (("copy weight", self.copy, 1.0), ("constrained-search tag probability", self.must, 1.0),
+                                 ("constrained-search margin", self.margin, 100.0),
                                  ("checked-word tag floor", self.floor, 0.999)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
                 raise CaptionerError(f"open-vocabulary {name} must be in [0, {top:g}] (0: off), got {value!r}")

@@ -46,7 +46,7 @@ class Pretrained:
     encoder: str
     decoder: str
     data: str                        # what it was trained on
-    dev_scores: tuple[tuple[str, float], ...]  # (metric, x100) on Flickr8k dev, beam 3; () if not measured alone
+    dev_scores: tuple[tuple[str, float], ...]  # (metric, x100) on Flickr8k dev, beam 3, no reranking or tags; () if not measured alone
     train_command: str
     train_minutes: float | None      # wall clock on the 2-core CPU it was trained on (docs/results.md)
     licence: str
