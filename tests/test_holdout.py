@@ -18,6 +18,7 @@ from captioner.data.records import Record
 from captioner.errors import CaptionerError
 from captioner.train import loop as training
 from captioner.train.sources import prepare_data
+from captioner.precision import FP32
 from tiny_data import make_imagefolder_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def cfg_for(data, cache, *extra):
 
 def test_prepare_data_never_trains_on_the_held_out_images(no_val_data, tmp_path):
     cfg = cfg_for(no_val_data, tmp_path / "cache", "data.holdout=0.25", "data.holdout_seed=3")
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, precision=FP32)
     assert data.holdout is not None and len(data.holdout.images) == 3 and data.holdout.of == 12
     held = {no_val_data / p for p in data.holdout.images}
     assert {r.image for r in data.val} == held
@@ -94,7 +95,7 @@ def test_prepare_data_never_trains_on_the_held_out_images(no_val_data, tmp_path)
     assert not set(data.features.rows(data.train)) & set(data.features.rows(data.val))
     # Without a holdout, the old one-line error, now saying how to get dev images.
     with pytest.raises(CaptionerError, match="no val/dev images to select a model on .*data.holdout"):
-        prepare_data(cfg_for(no_val_data, tmp_path / "cache", "data.holdout=0"))
+        prepare_data(cfg_for(no_val_data, tmp_path / "cache", "data.holdout=0"), precision=FP32)
 
 
 def test_fit_records_the_slice_and_resume_keeps_it(tmp_path, caplog):

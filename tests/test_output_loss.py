@@ -13,6 +13,7 @@ from captioner.model.decoder import CaptionDecoder
 from captioner.model.output import Targets, token_loss
 from captioner.train import scst
 from captioner.train.step import backward_batch
+from captioner.precision import FP32
 
 PAD = 0
 
@@ -134,7 +135,7 @@ def test_dev_loss_equals_the_plain_mean():
     with torch.no_grad():
         ref = F.cross_entropy(model(batch.features, batch.inputs).reshape(-1, 40), batch.targets.reshape(-1),
                               ignore_index=PAD)
-    assert dev_loss(model, [batch], torch.device("cpu"), PAD) == pytest.approx(float(ref), rel=1e-5)
+    assert dev_loss(model, [batch], torch.device("cpu"), PAD, FP32) == pytest.approx(float(ref), rel=1e-5)
 
 
 @pytest.mark.parametrize("end_weight", [1.0, 0.0, 2.5])

@@ -22,6 +22,7 @@ from captioner.eval.cider import CiderD
 from captioner.config import ModelConfig, TrainConfig, load_config
 from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.model.decoder import CaptionDecoder
+from captioner.precision import FP32
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["a", "the", "man", "dog", "woman", "runs", "on", "grass", "in", "red", "blue", "shirt", "water", "jumps", "over", "ball", "two", "people", "street"]
@@ -132,7 +133,8 @@ def test_scst_learns_to_say_what_the_reward_asks_for():
     history = []
     for _ in range(60):
         step = history[-1].step if history else 0
-        history.append(scst.scst_epoch(model, features, data, vocab, optimizer, cfg, step, torch.device("cpu"), gen))
+        history.append(scst.scst_epoch(model, features, data, vocab, optimizer, cfg, step, torch.device("cpu"), gen,
+                                       precision=FP32))
     first, last = history[:5], history[-5:]
     mean = lambda rs, key: sum(getattr(r, key) for r in rs) / len(rs)
     print("sampled CIDEr-D:", round(mean(first, "sample_reward"), 3), "->", round(mean(last, "sample_reward"), 3),

@@ -10,6 +10,7 @@ from captioner.data.vocab import SPECIALS, Vocabulary
 from captioner.errors import CaptionerError
 from captioner.model.decoder import CaptionDecoder
 from captioner.train import scst
+from captioner.precision import FP32
 
 WORDS = ["a", "red", "ball", "on", "the", "grass", "blue", "car", "in", "street", "green", "tree", "park",
          "white", "dog", "snow", "and"]
@@ -82,7 +83,7 @@ def _one_epoch(cfg):
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.scst_lr)
     gen = torch.Generator().manual_seed(0)
     result = scst.scst_epoch(model, features, data(), VOCAB, optimizer, cfg, 0, torch.device("cpu"), gen,
-                             progress=False)
+                             precision=FP32, progress=False)
     return result, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 

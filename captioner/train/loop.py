@@ -225,7 +225,8 @@ def _data(cfg: Config, run_dir: Path, restored: Restored | None, dist: distribut
         if dist.is_main:
             log.info("starting from %s: %s decoder, vocabulary of %d words", cfg.train.init_from,
                      cfg.model.cell, len(vocab))
-    data = prepare_data(cfg, vocab, dist, precision, restored.holdout if restored is not None else None)
+    data = prepare_data(cfg, vocab, dist, precision=precision,
+                        recorded=restored.holdout if restored is not None else None)
     if init is not None:
         differs = feature_differences(init.encoder_spec(), data.features.spec())
         if differs:

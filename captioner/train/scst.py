@@ -48,7 +48,7 @@ from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import NonFiniteLoss
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.search import captioning_policy, greedy, sample
-from captioner.precision import FP32, Precision
+from captioner.precision import Precision
 
 log = logging.getLogger("captioner")
 
@@ -242,7 +242,7 @@ def draw_recorded(model: CaptionDecoder, features: torch.Tensor, suppressed: tor
 
 def scst_epoch(model: torch.nn.Module, features: np.ndarray, data: RewardData, vocab: Vocabulary,
                optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, device: torch.device,
-               generator: torch.Generator, desc: str = "scst", precision: Precision = FP32,
+               generator: torch.Generator, desc: str = "scst", *, precision: Precision,
                progress: bool = True) -> ScstResult:
     """One pass over the training images in shuffled batches of cfg.scst_batch_size images.
 

@@ -23,7 +23,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.distributed import Dist
 from captioner.model.decoder import CaptionDecoder
 from captioner.errors import CaptionerError
-from captioner.precision import FP32, Precision
+from captioner.precision import Precision
 from captioner.vision.encoders import Encoder, EncoderSpec, build_encoder
 from captioner.vision.features import FeatureStore, extract_features
 from captioner.vision.images import load_image
@@ -65,8 +65,8 @@ class Prepared:
     holdout: Holdout | None = None  # the training images held out as dev, when the dataset has no val split
 
 
-def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist(),
-                 precision: Precision = FP32, recorded: Holdout | None = None) -> Prepared:
+def prepare_data(cfg: Config, vocab: Vocabulary | None = None, dist: Dist = Dist(), *,
+                 precision: Precision, recorded: Holdout | None = None) -> Prepared:
     """Read the dataset, build (or reuse) the vocabulary, and make sure every image has a cached v
     (extracted in `precision`, and cached apart from features of another precision).
 

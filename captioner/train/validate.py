@@ -11,12 +11,12 @@ from captioner.eval.metrics import score_captions
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.output import Targets
 from captioner.model.search import captioning_policy, greedy
-from captioner.precision import FP32, Precision
+from captioner.precision import Precision
 
 
 @torch.no_grad()
 def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pad_id: int,
-             precision: Precision = FP32) -> float:
+             precision: Precision) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for batch in loader:
@@ -30,8 +30,8 @@ def dev_loss(model: CaptionDecoder, loader: DataLoader, device: torch.device, pa
 
 @torch.no_grad()
 def evaluate(model: CaptionDecoder, features: torch.Tensor, references: list[list[str]], vocab: Vocabulary,
-             max_len: int, device: torch.device, batch_size: int = 500, dist: Dist = Dist(),
-             precision: Precision = FP32) -> dict[str, float]:
+             max_len: int, device: torch.device, batch_size: int = 500, dist: Dist = Dist(), *,
+             precision: Precision) -> dict[str, float]:
     """Greedy-decode every image and score the captions against all references (BLEU, ROUGE-L, CIDEr).
 
     Under torchrun each process decodes every world-th image; the captions are gathered and rank 0's
