@@ -3,6 +3,7 @@
     python3 benchmarks/open_vocab.py --flickr8k ../shared/datasets/flickr8k --coco ../shared/datasets/coco-dev
         [--checkpoint NAME_OR_FILE ...] [--variants 'off;copy;must=0.5;copy=0.1,must=0.5'] [--cache cache] [--json OUT]
     python3 benchmarks/open_vocab.py --fit-copy --flickr8k ../shared/datasets/flickr8k [--checkpoint ...]
+    python3 benchmarks/open_vocab.py --recall --flickr8k ../shared/datasets/flickr8k
 
 Variants (captioner.model.decoding.OpenVocab settings, beam 3, the default guards and reranking, as
 `captioner evaluate` decodes): "off" (the caption vocabulary alone), "default" (OpenVocab()), and any
@@ -12,6 +13,10 @@ words; a setting not named keeps OpenVocab's default, so name all three to compa
 (COCO caption evaluation x100, no METEOR), CHAIR-i, CHAIR-s, captions saying "dog" and of those wrong, and
 the words beyond the caption vocabulary said / said correctly (the word is in a reference), and the fluency
 counts (captions with a bad ending, with a word repeated).
+
+--recall (with --flickr8k): for each tag word the vocabulary has, on the training images that two or more
+captions name it on, the share whose tag is at least 0.05 (the checked words are those at 80% or more,
+on at least 30 images).
 
 --fit-copy: the copy weight that gives the Flickr8k dev references' tag words the highest likelihood under
 teacher forcing (the decoder reads each reference; at every position whose word is a tag word the caption
@@ -24,11 +29,13 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from captioner.data.records import load_records
+from captioner.data.vocab import tokenize
 from captioner.eval.fluency import fluency_counts
 from captioner.eval.hallucination import object_hallucination
 from captioner.eval.metrics import score_captions
@@ -123,8 +130,7 @@ def fit_copy(cap: Captioner, records, feats: torch.Tensor, grid: list[float]) ->
             hit = torch.isin(target, known)
             if hit.any():
                 rows = hit.nonzero().squeeze(1)
-                col = {int(v): k for k, v in enumerate(tags.tag_ids.tolist())}
-                cols = torch.tensor([col[int(v)] for v in target[rows]])
+                cols = torch.tensor([tags.column[cap.vocab.words[int(v)]] for v in target[rows]])
                 rows_p.append(probs[rows, target[rows]])
                 rows_m.append(mass[rows])
                 rows_q.append(qn[rows, cols])
@@ -133,6 +139,23 @@ def fit_copy(cap: Captioner, records, feats: torch.Tensor, grid: list[float]) ->
     for w in grid:
         ll = ((1 - w) * p + w * m * q).clamp_min(1e-12).log().mean()
         print(f"copy {w:.2f}: mean log-likelihood of the tag words {ll:.4f}")
+
+
+def recall(cap: Captioner, records, feats: torch.Tensor, least: int = 30) -> None:
+    """For each tag word the caption vocabulary has: on the training images that two or more captions name
+    it on, how often its tag is at least 0.05, and the median tag (the words OpenVocab.checked comes from)."""
+    q = word_probabilities(cap.encoder, feats)
+    named = [Counter(w for c in r.captions for w in set(tokenize(c))) for r in records]
+    rows = []
+    for word, j in cap.tag_vocab.column.items():
+        if word not in cap.vocab:
+            continue
+        on = [i for i, counts in enumerate(named) if counts[word] >= 2]
+        if len(on) >= least:
+            tag = q[on, j]
+            rows.append((float((tag >= 0.05).float().mean()), word, len(on), float(tag.median())))
+    for share, word, n, median in sorted(rows, reverse=True):
+        print(f"{word:<12} {n:5d} images  tag >= 0.05 on {100 * share:3.0f}%  median {median:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--fit-copy", action="store_true")
+    ap.add_argument("--recall", action="store_true")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cap = Captioner.from_checkpoints(args.checkpoint, precision=FP32)
     if args.fit_copy:
         records, feats = features_of(cap, split_records(args.flickr8k, "val"), args.cache)
         fit_copy(cap, records, feats, [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+        return 0
+    if args.recall:
+        recall(cap, *features_of(cap, split_records(args.flickr8k, "train"), args.cache))
         return 0
     sets = []
     if args.flickr8k:

@@ -32,7 +32,7 @@ from captioner.model.constraints import EndGuard, NoRepeatNgram, NoRepeatWord
 from captioner.model.decoding import Decoding, Guards, Rerank  # noqa: F401 (Rerank re-exported)
 from captioner.model.neighbours import NeighbourIndex, find_index
 from captioner.model.open_vocab import OpenVocabulary, TagVocabulary, constrained_beam_search
-from captioner.model.rerank import Judged
+from captioner.model.rerank import Judged, log_prob_per_word
 
 log = logging.getLogger("captioner")
 
@@ -223,7 +223,7 @@ class Captioner:
         it cannot fit, or, with open_vocab.margin, where saying it costs more than that margin in
         log-probability per word, keeps its own)."""
         open_vocab = search.open_vocab
-        must = OpenVocabulary(None, self.tag_vocab, tag_probs, open_vocab, self.vocab.end_id).required()
+        must = self.tag_vocab.required(tag_probs, open_vocab.must)
         for row, hyps in enumerate(found):  # a caption that already says its tag keeps its own search
             if int(must[row]) >= 0 and hyps and int(must[row]) in hyps[0].tokens:
                 must[row] = -1
@@ -234,10 +234,9 @@ class Captioner:
         said = constrained_beam_search(self.constrained(search.guards, picked), features[rows], must[rows],
                                        beam_size=search.beam_size, max_len=search.max_len, n_best=search.n_best,
                                        start_id=self.vocab.start_id, end_id=self.vocab.end_id)
-        per_word = lambda h: h.log_prob / (len(h.tokens) + 1)  # noqa: E731 (as the reranking's)
         for row, hyps in zip(rows.tolist(), said):
-            if hyps and (not open_vocab.margin or not found[row]
-                         or per_word(hyps[0]) >= per_word(found[row][0]) - open_vocab.margin):
+            if hyps and (not open_vocab.margin or not found[row] or
+                         log_prob_per_word(hyps[0]) >= log_prob_per_word(found[row][0]) - open_vocab.margin):
                 found[row] = hyps
 
     def _consensus_words(self, hypothesis: Hypothesis) -> list[str]:
@@ -250,9 +249,9 @@ class Captioner:
 
     def _caption_tags(self, hypothesis: Hypothesis, image_probs: list[float]) -> tuple[tuple[str, float], ...]:
         """The tag words the caption says, with the photo's probability for each."""
-        where = {w: j for j, w in enumerate(tag_words())}
-        said = dict.fromkeys(w for w in self.text(hypothesis).split() if w in where)
-        return tuple((w, round(image_probs[where[w]], 4)) for w in said)
+        column = self.tag_vocab.column
+        said = dict.fromkeys(w for w in self.text(hypothesis).split() if w in column)
+        return tuple((w, round(image_probs[column[w]], 4)) for w in said)
 
     def text(self, hypothesis: Hypothesis) -> str:
         """The caption's words; ids past the caption vocabulary are the open vocabulary's tag words."""

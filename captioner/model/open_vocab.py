@@ -2,8 +2,9 @@
 
 A decoder trained on Flickr8k knows 2,540 words; the encoder's ImageNet classifier knows 1,000 classes,
 which `captioner.vision.tags` maps to 378 caption words ("tags"), 175 of them outside that vocabulary
-("broccoli", "zebra", "laptop"). At search time the tags join the decoder's next-word distribution in two
-ways, both wrappers of the searchable decoder like `captioner.model.constraints`:
+("broccoli", "zebra", "laptop"). At search time the tags join the decoder's next-word distribution in
+three ways: copy and the check in `OpenVocabulary`, a wrapper of the searchable decoder like those of
+`captioner.model.constraints`, and constrained search in `constrained_beam_search`:
 
 **Copy.** The decoder's probability mass on the tag words it knows is its "name an object now" mass m.
 Within m, a share `copy` goes to the tag words in proportion to the photo's tag probabilities q:
@@ -26,7 +27,8 @@ classifier sees none becomes unlikely. `benchmarks/open_vocab.py --recall` lists
 al.'s constrained beam search (2017) for one word. Two banks of K beams advance together: bank 0 has not
 said the word yet, bank 1 has; a bank-0 beam enters bank 1 by saying it, and only bank-1 beams may finish.
 The word then goes where the decoder finds it most probable, instead of wherever a plain beam happens to
-keep it.
+keep it. (captioner.inference runs it only where the plain best caption lacks the word, and keeps the
+result only if its log-probability per word is at most `margin` below the plain caption's.)
 
 **A word outside the vocabulary as the next input** needs an embedding, and the decoder has none for it.
 It is fed the embedding of its *proxy*: the known tag word whose ImageNet classes are closest to its own,
@@ -72,6 +74,16 @@ class TagVocabulary:
         nearest = (rows[new] @ rows[known].T).argmax(dim=1) if new else torch.zeros(0, dtype=torch.long)
         self.proxy = torch.tensor([vocab.ids[tag_words[known[k]]] for k in nearest.tolist()], dtype=torch.long)
 
+    def required(self, tag_probs: torch.Tensor, must: float) -> torch.Tensor:
+        """(B,) each image's required word (an extended-vocabulary id): its most probable tag when that is at
+        least `must` probable (must > 0), else -1."""
+        required = torch.full((tag_probs.shape[0],), -1, dtype=torch.long)
+        if must > 0:
+            best, which = tag_probs.float().max(dim=1)
+            chosen = (best >= must).cpu()
+            required[chosen] = self.tag_ids[which.cpu()[chosen]]
+        return required
+
     def proxy_word(self, word: str) -> str:
         """The caption-vocabulary word that stands in for `word` (itself when the vocabulary has it)."""
         if word in self.vocab:
@@ -100,16 +112,14 @@ class OpenVocabulary:
         # Switched off (enabled False): the extended vocabulary with nothing moved, none required, none checked.
         self.settings = settings if settings.on else OpenVocab(copy=0.0, must=0.0, floor=0.0)
         self.end_id = end_id
+        # The checked words the caption vocabulary has: their ids there and their tag-probability columns.
+        words = [w for w in self.settings.checked if w in tags.vocab and w in tags.column]
+        self.checked_ids = torch.tensor([tags.vocab.ids[w] for w in words], dtype=torch.long)
+        self.checked_columns = torch.tensor([tags.column[w] for w in words], dtype=torch.long)
 
     @property
     def feature_dim(self) -> int:
         return self.model.feature_dim
-
-    def checked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids in the caption vocabulary, columns of the tag probabilities) of the checked words it has."""
-        words = [w for w in self.settings.checked if w in self.tags.vocab and w in self.tags.column]
-        return (torch.tensor([self.tags.vocab.ids[w] for w in words], dtype=torch.long),
-                torch.tensor([self.tags.column[w] for w in words], dtype=torch.long))
 
     def init_state(self, features):
         B, device = features.shape[0], features.device
@@ -118,19 +128,13 @@ class OpenVocabulary:
             raise CaptionerError(f"tag probabilities for {q.shape[0]} images, features for {B}")
         scale = torch.ones(B, 0, device=device)
         if self.settings.floor > 0:
-            _, columns = self.checked()
-            scale = (q[:, columns.to(device)] / self.settings.floor).clamp(max=1.0)  # (B, checked words)
+            scale = (q[:, self.checked_columns.to(device)] / self.settings.floor).clamp(max=1.0)  # (B, checked words)
         q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return self.model.init_state(features), q, scale
 
     def required(self) -> torch.Tensor:
         """(B,) each image's required word (an extended-vocabulary id), -1 where no tag is `must` probable."""
-        must = torch.full((self.tag_probs.shape[0],), -1, dtype=torch.long)
-        if self.settings.must > 0:
-            best, which = self.tag_probs.max(dim=1)
-            chosen = best >= self.settings.must
-            must[chosen] = self.tags.tag_ids[which[chosen].cpu()]
-        return must
+        return self.tags.required(self.tag_probs, self.settings.must)
 
     def step(self, tokens, state):
         inner, q, scale = state
@@ -145,7 +149,7 @@ class OpenVocabulary:
             mass = probs[:, self.tags.known_ids.to(probs.device)].sum(dim=1, keepdim=True)  # (b, 1)
             probs[:, tag_ids] = (1 - copy) * probs[:, tag_ids] + copy * mass * q
         if scale.shape[1]:
-            ids = self.checked()[0].to(probs.device)
+            ids = self.checked_ids.to(probs.device)
             probs[:, ids] = probs[:, ids] * scale  # not renormalised: a penalty on the paths that say it
         return probs.log(), (inner, q, scale)
 
